@@ -1,0 +1,283 @@
+"""The ``mtls-sidecar`` command line: parse, call, map errors to exit codes.
+
+Exit codes: 0 success; 1 runtime failure; 2 usage, configuration or
+credential error. A `SidecarError` becomes one line on stderr, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from cryptography.hazmat.primitives import serialization
+
+from sidecar import __version__
+from sidecar.certinfo import bundle_report, identity_summary
+from sidecar.config import Config, RouteFlags, find_config_file, load_config
+from sidecar.errors import SidecarError, UsageError
+from sidecar.identity import Bundle, read_bundle, read_password
+from sidecar.sources import source_for
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"mtls-sidecar: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"mtls-sidecar: warning: {message}", err=True)
+
+
+# ------------------------------------------------------------------ shared options
+
+
+def route_options(f: F) -> F:
+    """The route flags of DESIGN.md, shared by ``run`` and ``check``."""
+    options = [
+        click.option("--listen", metavar="HOST:PORT", help="Where to listen (127.0.0.1:8080)."),
+        click.option("--upstream", metavar="URL", help="The upstream https:// base URL."),
+        click.option("--cert", metavar="FILE", help="PEM bundle: chain and optionally the key."),
+        click.option("--key", metavar="FILE", help="Separate private key file."),
+        click.option("--pkcs12", metavar="FILE", help="PKCS#12 (.p12/.pfx) bundle."),
+        click.option("--password-env", metavar="VAR", help="Variable holding the key password."),
+        click.option("--password-file", metavar="FILE", help="File holding the key password."),
+        click.option("--company-id", metavar="ID", help="Sent as successfactors-companyid."),
+        click.option(
+            "--header",
+            "headers",
+            multiple=True,
+            metavar="'Name: value'",
+            help="Header set on every upstream request (repeatable).",
+        ),  # fmt: skip
+        click.option("--destination", metavar="NAME", help="BTP destination to fetch."),
+        click.option("--service-key", metavar="FILE", help="Destination service key JSON."),
+        click.option("--ca-file", metavar="FILE", help="Extra trust anchors for the upstream."),
+        click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --listen."),
+        click.option("--token-env", metavar="VAR", help="Variable holding the inbound token."),
+        click.option(
+            "-c",
+            "--config",
+            "config_file",
+            metavar="FILE",
+            help="Config file (else $SIDECAR_CONFIG, else ./sidecar.yaml).",
+        ),  # fmt: skip
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _load(config_file: str | None, flag_values: dict[str, Any]) -> Config:
+    flags = RouteFlags(**flag_values)
+    return load_config(find_config_file(config_file), flags)
+
+
+def password_options(f: F) -> F:
+    f = click.option("--password-file", type=click.Path(path_type=Path), metavar="FILE",
+                     help="File holding the password.")(f)  # fmt: skip
+    f = click.option("--password-env", metavar="VAR", help="Variable holding the password.")(f)
+    return f
+
+
+def handle_errors(f: F) -> F:
+    """Turn `SidecarError`s into one line on stderr and their exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except SidecarError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "--version", prog_name="mtls-sidecar")
+def main() -> None:
+    """Local mutual-TLS sidecar proxy for SAP SuccessFactors and other mTLS APIs."""
+
+
+@main.command()
+@route_options
+@click.option("--probe", is_flag=True, help="Also make a real mTLS request to the upstream.")
+@handle_errors
+def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
+    """Load the config and every credential, print a summary, and exit."""
+    config = _load(config_file, flag_values)
+    if probe:
+        raise UsageError("--probe is not available in this version")
+    failed = 0
+    for i, route in enumerate(config.routes):
+        click.echo(f"route {route.name} (listen {route.listen})")
+        click.echo(f"  upstream:     {route.upstream or '(from the destination)'}")
+        click.echo(f"  company id:   {route.company_id or '(none)'}")
+        try:
+            source = source_for(route, i)
+            click.echo(f"  credentials:  {source.description}")
+            identity = source.load()
+        except SidecarError as exc:
+            click.echo(f"  ERROR:        {exc}")
+            failed += 1
+            continue
+        for w in identity.warnings:
+            _warn(w)
+        s = identity_summary(identity)
+        click.echo(f"  subject:      {s['subject']}")
+        click.echo(f"  issuer:       {s['issuer']}")
+        click.echo(f"  not after:    {s['not_after']} ({s['days_left']} days left)")
+        click.echo(f"  chain length: {s['chain_length']}")
+        click.echo("  key matches:  yes")
+    if failed:
+        _fail(f"{failed} of {len(config.routes)} route(s) cannot start; see ERROR above")
+    click.echo(f"OK: {len(config.routes)} route(s) ready")
+
+
+@main.command()
+@click.option("-o", "--output", default="sidecar.yaml", metavar="FILE",
+              help="Where to write the starter config ('-' for stdout).")  # fmt: skip
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@handle_errors
+def init(output: str, force: bool) -> None:
+    """Write a commented starter config."""
+    text = resources.files("sidecar").joinpath("starter.yaml").read_text(encoding="utf-8")
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    path = Path(output)
+    if path.exists() and not force:
+        raise UsageError(f"{path}: already exists", hint="choose another -o, or add --force")
+    path.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {path}; edit upstream, company_id and credentials, then run "
+               f"`mtls-sidecar check -c {path}`")  # fmt: skip
+
+
+@main.group()
+def cert() -> None:
+    """Inspect and export client-certificate bundles."""
+
+
+def _read_cli_bundle(
+    file: Path, key: Path | None, password_env: str | None, password_file: Path | None
+) -> Bundle:
+    if password_env and password_file:
+        raise UsageError("give --password-env or --password-file, not both")
+    password = read_password(password_env=password_env, password_file=password_file,
+                             where="--password-env")  # fmt: skip
+    is_p12 = file.suffix.lower() in (".p12", ".pfx")
+    if is_p12 and key is not None:
+        raise UsageError("--key goes with a PEM bundle, not with PKCS#12")
+    return read_bundle(
+        pem=None if is_p12 else file, pkcs12_path=file if is_p12 else None, key=key,
+        password=password,
+    )  # fmt: skip
+
+
+@cert.command("inspect")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--key", type=click.Path(path_type=Path), help="Separate private key file.")
+@password_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@handle_errors
+def cert_inspect(
+    file: Path, key: Path | None, password_env: str | None, password_file: Path | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Show every certificate of a bundle and whether its key matches."""
+    bundle = _read_cli_bundle(file, key, password_env, password_file)
+    report = bundle_report(bundle)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    _print_report(report)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    certs = report["certificates"]
+    key = "no private key"
+    if report["key_present"]:
+        key = "private key matches the leaf" if report["key_matches_leaf"] else \
+            "PRIVATE KEY DOES NOT MATCH THE LEAF"  # fmt: skip
+    click.echo(f"{report['source']}: {len(certs)} certificate(s) in the chain, {key}")
+    roles = ["leaf"] + ["intermediate"] * (len(certs) - 1)
+    if len(certs) > 1 and certs[-1]["self_signed"]:
+        roles[-1] = "root"
+    for n, (c, role) in enumerate(zip(certs, roles, strict=True), 1):
+        _print_cert(f"[{n}] {role}", c)
+    for c in report["not_in_chain"]:
+        _print_cert("[-] not part of the chain", c)
+    if report["leaf_expired"]:
+        click.secho(f"!! EXPIRED: the leaf expired on {certs[0]['not_after']}", bold=True)
+    if report["leaf_not_yet_valid"]:
+        click.secho(f"!! NOT YET VALID: the leaf is valid from {certs[0]['not_before']}", bold=True)
+    if report["key_present"] and not report["key_matches_leaf"]:
+        click.secho("!! KEY MISMATCH: the private key does not belong to the leaf", bold=True)
+    for w in report["warnings"]:
+        click.echo(f"warning: {w}")
+
+
+def _print_cert(title: str, c: dict[str, Any]) -> None:
+    click.echo(title)
+    click.echo(f"    subject:   {c['subject']}")
+    click.echo(f"    issuer:    {c['issuer']}")
+    click.echo(f"    serial:    {c['serial']}")
+    click.echo(f"    valid:     {c['not_before']} to {c['not_after']} ({c['days_left']} days left)")
+    click.echo(f"    sha256:    {c['sha256']}")
+    click.echo(f"    SANs:      {', '.join(c['sans']) or '(none)'}")
+
+
+@cert.command("export-public")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--key", type=click.Path(path_type=Path), help="Separate private key file.")
+@password_options
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here, not stdout.")
+@handle_errors
+def cert_export_public(
+    file: Path, key: Path | None, password_env: str | None, password_file: Path | None,
+    output: Path | None,
+) -> None:  # fmt: skip
+    """Write the certificate chain, leaf first, without any key.
+
+    This is the file to upload to the SuccessFactors X.509 certificate mapping.
+    """
+    bundle = _read_cli_bundle(file, key, password_env, password_file)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle.chain)
+    if output is None:
+        click.echo(pem.decode(), nl=False)
+        return
+    try:
+        output.write_bytes(pem)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write: {exc.strerror or exc}") from None
+    click.echo(f"wrote {len(bundle.chain)} certificate(s), no key, to {output}", err=True)
+
+
+def run_main() -> None:
+    """Console-script entry point with a last-resort guard against tracebacks."""
+    try:
+        main(standalone_mode=True)
+    except SystemExit:
+        raise
+    except Exception as exc:  # pragma: no cover - a bug; still no traceback for users
+        if os.environ.get("SIDECAR_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (set SIDECAR_DEBUG=1 for details)",
+              EXIT_RUNTIME)  # fmt: skip
