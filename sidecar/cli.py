@@ -7,11 +7,12 @@ traceback.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,11 +20,13 @@ from typing import Any, TypeVar
 import click
 from cryptography.hazmat.primitives import serialization
 
-from sidecar import __version__
+from sidecar import __version__, server
 from sidecar.certinfo import bundle_report, identity_summary
-from sidecar.config import Config, RouteFlags, find_config_file, load_config
+from sidecar.config import Config, LogConfig, RouteFlags, find_config_file, load_config
 from sidecar.errors import SidecarError, UsageError
-from sidecar.identity import Bundle, read_bundle, read_password
+from sidecar.identity import Bundle, client_ssl_context, read_bundle, read_password
+from sidecar.logs import setup_logging
+from sidecar.probe import probe as run_probe
 from sidecar.sources import source_for
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -123,9 +126,7 @@ def main() -> None:
 def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
     """Load the config and every credential, print a summary, and exit."""
     config = _load(config_file, flag_values)
-    if probe:
-        raise UsageError("--probe is not available in this version")
-    failed = 0
+    failed = rejected = 0
     for i, route in enumerate(config.routes):
         click.echo(f"route {route.name} (listen {route.listen})")
         click.echo(f"  upstream:     {route.upstream or '(from the destination)'}")
@@ -134,6 +135,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
             source = source_for(route, i)
             click.echo(f"  credentials:  {source.description}")
             identity = source.load()
+            client_ssl_context(identity, ca_file=route.tls.ca_file)
         except SidecarError as exc:
             click.echo(f"  ERROR:        {exc}")
             failed += 1
@@ -146,9 +148,76 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
         click.echo(f"  not after:    {s['not_after']} ({s['days_left']} days left)")
         click.echo(f"  chain length: {s['chain_length']}")
         click.echo("  key matches:  yes")
+        if probe:
+            result = asyncio.run(run_probe(route, identity))
+            click.echo(f"  probe:        handshake {result.handshake}; HTTP status "
+                       f"{result.status if result.status is not None else '-'}")  # fmt: skip
+            verdict = "ACCEPTED" if result.accepted else "NOT ACCEPTED"
+            click.echo(f"  certificate:  {verdict}: {result.message}")
+            rejected += not result.accepted
     if failed:
         _fail(f"{failed} of {len(config.routes)} route(s) cannot start; see ERROR above")
+    if rejected:
+        _fail(f"{rejected} route(s) failed the probe; see above", EXIT_RUNTIME)
     click.echo(f"OK: {len(config.routes)} route(s) ready")
+
+
+@main.command()
+@route_options
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+    help="Override log.level.",
+)  # fmt: skip
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Override log.format.")  # fmt: skip
+@handle_errors
+def run(
+    config_file: str | None, log_level: str | None, log_format: str | None, **flag_values: Any
+) -> None:
+    """Serve: plain HTTP on the listeners, mTLS to the upstreams."""
+    config = _load(config_file, flag_values)
+    setup_logging(config.log, level=log_level, fmt=log_format)
+    _event_loop_runner()(server.run(config))
+
+
+@main.command()
+@click.option("--port", default=8080, type=click.IntRange(0, 65535), help="Sidecar port.")
+@handle_errors
+def demo(port: int) -> None:
+    """Run a fake SuccessFactors API and the sidecar in front of it."""
+    from sidecar.demo import run_demo
+
+    setup_logging(LogConfig(level="info"))
+    _event_loop_runner()(run_demo(port, say=lambda text: click.echo(text)))
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8080/-/ready", help="Readiness URL to ask.")
+@click.option("--timeout", default=5.0, help="Seconds to wait for the answer.")
+def healthcheck(url: str, timeout: float) -> None:
+    """Exit 0 when the readiness endpoint answers 200 (for container probes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - local probe
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        _fail(f"{url}: not reachable: {getattr(exc, 'reason', exc)}", EXIT_RUNTIME)
+    if status != 200:
+        _fail(f"{url}: not ready (HTTP {status})", EXIT_RUNTIME)
+    click.echo(f"{url}: ready")
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    """asyncio.run, on uvloop when the `speed` extra is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run  # type: ignore[no-any-return]
 
 
 @main.command()

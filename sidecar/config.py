@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -216,6 +217,8 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, int | float):
         if text < 0:
             raise ValueError("a duration cannot be negative")
+        if not math.isfinite(text):
+            raise ValueError(f"{text!r} is not a duration; use a number of seconds or 10s, 15m")
         return float(text)
     m = _DURATION.match(text)
     if not m:
@@ -320,7 +323,11 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, filename: str) -> _Value:
                     f"{filename}:{key_node.start_mark.line + 1}: key {key!r} appears twice",
                     hint="remove one of them",
                 )
-            out[key] = _convert(loader, value_node, filename)
+            value = _convert(loader, value_node, filename)
+            # A block mapping or list starts on the line after its key; errors about the
+            # value name the key, so they point at the key's line.
+            value.where = f"{filename}:{key_node.start_mark.line + 1}"
+            out[key] = value
         return _Value(out, where)
     if isinstance(node, yaml.SequenceNode):
         return _Value([_convert(loader, n, filename) for n in node.value], where)
@@ -389,10 +396,15 @@ class _Reader:
 
         return _ENV_REF.sub(sub, text)
 
-    def convert(self, path: str, v: _Value | None, parse: Callable[[Any], T]) -> T | None:
+    def convert(
+        self, path: str, v: _Value | None, parse: Callable[[Any], T], *, numbers: bool = False
+    ) -> T | None:
         if v is None or v.value is None:
             return None
-        raw = self.string(path, v) if isinstance(v.value, str) else v.value
+        # Only parsers that take numbers (durations) see YAML numbers and booleans as they
+        # are; the others get text (`listen: 8080` is a port), and mappings/lists never pass.
+        scalar = isinstance(v.value, bool | int | float)
+        raw = v.value if numbers and scalar else self.string(path, v)
         try:
             return parse(raw)
         except ValueError as exc:
@@ -412,7 +424,7 @@ class _Reader:
         raise self.fail(path, v, f"expected true or false, got {v.value!r}")
 
     def duration(self, path: str, v: _Value | None, default: float, minimum: float = 0) -> float:
-        seconds = self.convert(path, v, parse_duration)
+        seconds = self.convert(path, v, parse_duration, numbers=True)
         if seconds is None:
             return default
         if seconds < minimum:
@@ -484,7 +496,10 @@ class _Reader:
         routes_v = top.get("routes")
         if routes_v is None or routes_v.value is None or routes_v.value == []:
             raise self.fail(
-                "routes", routes_v, "at least one route is required", "see `mtls-sidecar init`"
+                "routes",
+                routes_v or root,
+                "at least one route is required",
+                "see `mtls-sidecar init`",
             )
         if not isinstance(routes_v.value, list):
             raise self.fail("routes", routes_v, f"expected a list, got {_kind(routes_v.value)}")
@@ -513,23 +528,22 @@ class _Reader:
         m = self.mapping(path, v, keys)
         if v.value is None:
             raise self.fail(path, v, "a route must be a mapping with at least `credentials`")
-        name = self.string(f"{path}.name", m.get("name")) or (
-            "default" if path == "routes[0]" else path
-        )
-        if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+        given = self.string(f"{path}.name", m.get("name"))
+        name = given or ("default" if path == "routes[0]" else path)
+        if given and not re.match(r"^[A-Za-z0-9_.-]+$", given):
             raise self.fail(
                 f"{path}.name", m.get("name"), "use letters, digits, '.', '_' and '-' only"
             )
         listen = self.convert(f"{path}.listen", m.get("listen"), parse_listen)
         listen = listen or parse_listen(DEFAULT_LISTEN)
-        credentials = self.credentials(f"{path}.credentials", m.get("credentials"))
+        credentials = self.credentials(f"{path}.credentials", m.get("credentials"), v)
         upstream = self.convert(f"{path}.upstream", m.get("upstream"), parse_upstream)
         if upstream is None and credentials.destination is None:
             raise self.fail(
                 f"{path}.upstream",
-                m.get("upstream"),
+                m.get("upstream") or v,
                 "is required unless the credentials come from a destination",
-                "e.g. upstream: https://api.successfactors.eu",
+                "e.g. upstream: https://api.successfactors.eu (--upstream URL on the command line)",
             )
         company = self.string(f"{path}.company_id", m.get("company_id"))
         headers = self.str_map(f"{path}.headers", m.get("headers"), headers=True)
@@ -561,13 +575,17 @@ class _Reader:
             inbound=inbound,
         )
 
-    def credentials(self, path: str, v: _Value | None) -> CredentialsConfig:
+    def credentials(self, path: str, v: _Value | None, route: _Value) -> CredentialsConfig:
         keys = (
             "pem", "key", "pkcs12", "password_env", "password_file", "destination", "warn_before",
         )  # fmt: skip
         if v is None or v.value is None:
             raise self.fail(
-                path, v, "is required", "give credentials.pem, credentials.pkcs12 or destination"
+                path,
+                v or route,
+                "is required",
+                "give credentials.pem, credentials.pkcs12 or credentials.destination "
+                "(--cert, --pkcs12 or --destination on the command line)",
             )
         m = self.mapping(path, v, keys)
         sources = [k for k in ("pem", "pkcs12", "destination") if m.get(k) and m[k].value]
@@ -640,7 +658,7 @@ def _check_unique(routes: tuple[RouteConfig, ...], raw: list[_Value], r: _Reader
         if route.name in names:
             raise r.fail(
                 f"routes[{i}].name",
-                raw[i],
+                _key_value(raw[i], "name"),
                 f"{route.name!r} is already used by routes[{names[route.name]}]",
                 "give every route a unique name",
             )
@@ -648,11 +666,17 @@ def _check_unique(routes: tuple[RouteConfig, ...], raw: list[_Value], r: _Reader
         if route.listen.port and route.listen in listens:
             raise r.fail(
                 f"routes[{i}].listen",
-                raw[i],
+                _key_value(raw[i], "listen"),
                 f"{route.listen} is already used by routes[{listens[route.listen]}]",
                 "give every route its own port",
             )
         listens[route.listen] = i
+
+
+def _key_value(v: _Value, key: str) -> _Value:
+    """The value of ``key`` in mapping ``v`` if written there, else ``v`` itself."""
+    item = v.value.get(key) if isinstance(v.value, dict) else None
+    return item if isinstance(item, _Value) else v
 
 
 def _join(path: str, key: str) -> str:

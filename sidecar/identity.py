@@ -82,9 +82,15 @@ def read_password(
         try:
             data = password_file.read_bytes()
         except FileNotFoundError:
-            raise PasswordError(f"{password_file}: password file not found") from None
+            raise PasswordError(
+                f"{password_file}: password file not found",
+                hint=f"create it with the key password, or fix {where}.password_file",
+            ) from None
         except OSError as exc:
-            raise PasswordError(f"{password_file}: cannot read password file: {exc}") from None
+            raise PasswordError(
+                f"{password_file}: cannot read password file: {exc.strerror or exc}",
+                hint=f"{where}.password_file must be a file readable by the sidecar's user",
+            ) from None
         # Files written by editors and `echo` end with a newline that is not part of it.
         return data.removesuffix(b"\n").removesuffix(b"\r")
     return None
@@ -302,7 +308,10 @@ def _pem_items(
             try:
                 certs.append(x509.load_pem_x509_certificate(text))
             except ValueError as exc:
-                raise CredentialError(f"{source}: a certificate block is damaged: {exc}") from None
+                raise CredentialError(
+                    f"{source}: a certificate block is damaged: {exc}",
+                    hint="download or copy the file again, completely",
+                ) from None
         elif label in _KEY_LABELS:
             keys.append(_load_pem_key(text, source, password))
     if len(keys) > 1:
@@ -321,7 +330,11 @@ def _read_pem(data: bytes, source: str, password: bytes | None) -> Bundle:
                 f"{source}: holds a private key but no certificate",
                 hint="give this file as credentials.key / --key and the certificate as pem",
             )
-        raise CredentialError(f"{source}: holds no certificate")
+        raise CredentialError(
+            f"{source}: holds no certificate",
+            hint="give the file with the -----BEGIN CERTIFICATE----- blocks, not a "
+            "certificate request or a public key",
+        )
     return _assemble(certs, keys[0] if keys else None, source, [])
 
 
@@ -510,10 +523,13 @@ def client_ssl_context(
         try:
             ctx.load_verify_locations(cafile=str(ca_file))
         except FileNotFoundError:
-            raise CredentialError(f"{ca_file}: CA file not found (tls.ca_file)") from None
+            raise CredentialError(
+                f"{ca_file}: CA file not found (tls.ca_file)", hint="check the path"
+            ) from None
         except (ssl.SSLError, OSError) as exc:
             raise CredentialError(
-                f"{ca_file}: not a PEM CA certificate file (tls.ca_file): {exc}"
+                f"{ca_file}: not a PEM CA certificate file (tls.ca_file): {exc}",
+                hint="give the PEM file of the CA that signed the upstream's certificate",
             ) from None
     if identity is not None:
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM)

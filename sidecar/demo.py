@@ -1,0 +1,110 @@
+"""``mtls-sidecar demo``: the whole product on a machine without an SAP account.
+
+In one process: a throwaway PKI in a private temporary directory, the fake
+SuccessFactors API (sidecar.fakesf) over TLS demanding a client certificate
+from that PKI, and the sidecar in front of it on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from sidecar.config import (
+    Config,
+    CredentialsConfig,
+    ListenAddress,
+    RouteConfig,
+    TLSConfig,
+    UpstreamURL,
+)
+from sidecar.fakesf import fake_successfactors_app
+from sidecar.pki import DemoPKI, write_demo_pki
+from sidecar.server import Sidecar
+
+DEMO_COMPANY_ID = "DEMO1234"
+
+
+@dataclass(frozen=True)
+class FakeUpstream:
+    url: str
+    port: int
+    pki: DemoPKI
+
+
+def server_context(pki: DemoPKI) -> ssl.SSLContext:
+    """The fake API's TLS: its own certificate, client certificates required."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@asynccontextmanager
+async def fake_successfactors(
+    directory: Path, *, company_id: str = DEMO_COMPANY_ID, users: int = 45
+) -> AsyncIterator[FakeUpstream]:
+    """Serve the fake SuccessFactors API on 127.0.0.1 with a PKI made in ``directory``."""
+    pki = write_demo_pki(directory)
+    runner = web.AppRunner(fake_successfactors_app(company_id=company_id, users=users))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki))
+    await site.start()
+    server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+    assert server is not None and isinstance(server, asyncio.Server)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield FakeUpstream(url=f"https://localhost:{port}", port=port, pki=pki)
+    finally:
+        await runner.cleanup()
+
+
+def demo_config(upstream: FakeUpstream, port: int) -> Config:
+    route = RouteConfig(
+        name="demo",
+        listen=ListenAddress("127.0.0.1", port),
+        upstream=UpstreamURL(host="localhost", port=upstream.port),
+        company_id=DEMO_COMPANY_ID,
+        credentials=CredentialsConfig(pem=upstream.pki.client_bundle),
+        tls=TLSConfig(ca_file=upstream.pki.ca_file),
+    )
+    return Config(routes=(route,))
+
+
+async def run_demo(port: int, say: Callable[[str], None]) -> None:
+    """Run the fake API and the sidecar until SIGINT or SIGTERM."""
+    directory = Path(tempfile.mkdtemp(prefix="mtls-sidecar-demo-"))  # mode 0700
+    try:
+        async with fake_successfactors(directory) as upstream:
+            sidecar = Sidecar(demo_config(upstream, port))
+            await sidecar.start()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, sidecar.request_stop)
+            local = f"http://{sidecar.bound_address(sidecar.routes[0])}"
+            say(
+                f"Fake SuccessFactors API (demands a client certificate): {upstream.url}\n"
+                f"mtls-sidecar listening on {local} (company id {DEMO_COMPANY_ID})\n\n"
+                "Try, in another terminal:\n"
+                f"  curl '{local}/odata/v2/User?$top=3'\n"
+                f"  curl '{local}/odata/v2/User'            # 20 per page, follow __next\n"
+                f"  curl '{local}/odata/v2/$metadata'\n"
+                f"  curl '{local}/-/ready'\n\n"
+                "Press Ctrl-C to stop."
+            )
+            try:
+                await sidecar.wait()
+            finally:
+                await sidecar.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""Logging to stderr as text or JSON lines, and the access-log line.
+
+Query values can hold personal data (an OData ``$filter`` on a name), so the
+access log shows parameter names with values redacted unless the config
+says ``log.query_values: true``. Bodies and secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+from sidecar.config import LogConfig
+
+logger = logging.getLogger("sidecar")
+access_logger = logging.getLogger("sidecar.access")
+
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                data[key] = value
+        if record.exc_info and record.exc_info[1] is not None:
+            data["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return json.dumps(data, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message`` and the extras as key=value, no tracebacks."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = dt.datetime.fromtimestamp(record.created, dt.UTC).strftime("%H:%M:%S")
+        extras = " ".join(
+            f"{k}={v}"
+            for k, v in record.__dict__.items()
+            if k not in _RESERVED and not k.startswith("_")
+        )
+        line = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            line += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+        return f"{line} {extras}" if extras else line
+
+
+def setup_logging(config: LogConfig, *, level: str | None = None, fmt: str | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if (fmt or config.format) == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logger.setLevel((level or config.level).upper())
+    access_logger.disabled = not config.access_log
+
+
+def redact_query(query_string: str, *, keep_values: bool) -> str:
+    """``$filter=...&$top=5`` → ``$filter=***&$top=***`` unless values are kept."""
+    if keep_values or not query_string:
+        return query_string
+    names = [quote(name, safe="$") for name, _ in parse_qsl(query_string, keep_blank_values=True)]
+    return "&".join(f"{name}=***" for name in names)

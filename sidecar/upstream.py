@@ -1,0 +1,100 @@
+"""A route's connection to its upstream: identity, SSL context, pooled client.
+
+`UpstreamClient` holds the current client identity and the aiohttp session
+whose pooled keep-alive connections present it. A new identity replaces the
+old one atomically: new requests get a new session at once, while the old
+session is closed only when its requests in flight have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+
+from sidecar.config import RouteConfig
+from sidecar.identity import ClientIdentity, client_ssl_context
+from sidecar.tasks import TaskGroup
+
+log = logging.getLogger("sidecar.upstream")
+
+POOL_LIMIT = 100  # open upstream connections per route at most
+KEEPALIVE = 30.0  # seconds an idle upstream connection is kept
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One identity and the session that presents it."""
+
+    identity: ClientIdentity
+    session: aiohttp.ClientSession
+    loaded_at: dt.datetime
+
+
+class UpstreamClient:
+    """The pooled mTLS client of one route."""
+
+    def __init__(self, route: RouteConfig, tasks: TaskGroup) -> None:
+        self.route = route
+        self._tasks = tasks
+        self.current: Generation | None = None
+        self._retiring: set[aiohttp.ClientSession] = set()
+
+    def install(self, identity: ClientIdentity) -> Generation:
+        """Start presenting ``identity``; the previous session retires gracefully."""
+        ctx = client_ssl_context(identity, ca_file=self.route.tls.ca_file)
+        connector = aiohttp.TCPConnector(
+            ssl=ctx,
+            limit=POOL_LIMIT,
+            keepalive_timeout=KEEPALIVE,
+            enable_cleanup_closed=False,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            # A proxy passes bytes through: no decompression, no cookie jar
+            # shared between clients, no headers the client did not send.
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.route.timeouts.connect,
+                sock_read=self.route.timeouts.read,
+            ),
+            raise_for_status=False,
+        )
+        old, self.current = self.current, Generation(identity, session, dt.datetime.now(dt.UTC))
+        if old is not None:
+            self._retire(old.session)
+        return self.current
+
+    def _retire(self, session: aiohttp.ClientSession) -> None:
+        self._retiring.add(session)
+        self._tasks.create(self._close_when_idle(session), name=f"retire-{self.route.name}")
+
+    async def _close_when_idle(self, session: aiohttp.ClientSession) -> None:
+        # Requests in flight finish on the old connections; give up after the read timeout.
+        deadline = asyncio.get_running_loop().time() + self.route.timeouts.read
+        connector = session.connector
+        while connector is not None and _busy(connector):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        await session.close()
+        self._retiring.discard(session)
+
+    async def close(self) -> None:
+        sessions = list(self._retiring)
+        if self.current is not None:
+            sessions.append(self.current.session)
+        self.current = None
+        for s in sessions:
+            await s.close()
+
+
+def _busy(connector: aiohttp.BaseConnector) -> bool:
+    acquired = getattr(connector, "_acquired", None)
+    return bool(acquired)

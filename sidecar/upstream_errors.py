@@ -1,0 +1,176 @@
+"""The one table that turns upstream failures into the sidecar's error codes.
+
+Everything the aiohttp client or OpenSSL can raise while we talk to the
+upstream ends up in `classify()`, which returns a `Failure`: the HTTP status,
+the code of DESIGN.md's error table, a message and a hint. The proxy, the
+probe and the logs all use it, so a failure reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
+UPSTREAM_TLS_FAILED = "upstream_tls_failed"
+CLIENT_CERTIFICATE_REJECTED = "client_certificate_rejected"
+UPSTREAM_TIMEOUT = "upstream_timeout"
+CREDENTIALS_UNAVAILABLE = "credentials_unavailable"
+FORBIDDEN_TARGET = "forbidden_target"
+INBOUND_AUTH_REQUIRED = "inbound_auth_required"
+BAD_REQUEST = "bad_request"
+
+#: status and default hint of every code the sidecar answers itself
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    UPSTREAM_CONNECT_FAILED: (
+        502,
+        "check the upstream URL, DNS and network path (proxy, firewall) to the API server",
+    ),
+    UPSTREAM_TLS_FAILED: (
+        502,
+        "the upstream's certificate is not trusted or does not match its name; add its CA "
+        "with tls.ca_file (--ca-file) or set tls.server_name",
+    ),
+    CLIENT_CERTIFICATE_REJECTED: (
+        502,
+        "the server refused the client certificate: check the X.509 certificate mapping "
+        "in SuccessFactors Security Center and that the certificate is the one uploaded there",
+    ),
+    UPSTREAM_TIMEOUT: (
+        504,
+        "the upstream did not answer in time; raise timeouts.connect / timeouts.read "
+        "if it is just slow",
+    ),
+    CREDENTIALS_UNAVAILABLE: (
+        503,
+        "see /-/ready and the sidecar's log for why no valid client certificate is loaded",
+    ),
+    FORBIDDEN_TARGET: (
+        403,
+        "the sidecar only forwards to its configured upstream; send requests to it "
+        "directly (e.g. http://127.0.0.1:8080/path)",
+    ),
+    INBOUND_AUTH_REQUIRED: (401, "send the configured token in the X-Sidecar-Token header"),
+    BAD_REQUEST: (400, "fix the request's syntax"),
+}
+
+# OpenSSL reasons of TLS alerts a server sends when it does not accept the
+# client certificate. In TLS 1.3 they arrive on the first read after the
+# handshake, so they may come wrapped in a read error rather than a connect error.
+_REJECTION_ALERTS = (
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_CERTIFICATE_REQUIRED",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_UNSUPPORTED_CERTIFICATE",
+    "ALERT_CERTIFICATE_REVOKED",
+    "ALERT_CERTIFICATE_EXPIRED",
+    "ALERT_ACCESS_DENIED",
+    "ALERT_DECRYPT_ERROR",
+    "ALERT_HANDSHAKE_FAILURE",
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    status: int
+    code: str
+    message: str
+    hint: str
+    kind: str  # label for metrics: connect, dns, tls, client_cert, timeout, reset, protocol
+
+
+def failure(code: str, message: str, kind: str, hint: str | None = None) -> Failure:
+    status, default_hint = ERROR_CODES[code]
+    return Failure(status, code, message, hint or default_hint, kind)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def rejection_alert(exc: BaseException) -> str | None:
+    """The TLS alert reason if ``exc`` (or its cause) is a client-certificate rejection."""
+    for e in _chain(exc):
+        texts = [getattr(e, "reason", None) or "", str(e)]
+        if isinstance(e, aiohttp.ClientConnectorError):
+            texts.append(str(e.os_error))
+        for text in texts:
+            upper = str(text).upper()
+            for alert in _REJECTION_ALERTS:
+                if alert in upper:
+                    return alert.removeprefix("ALERT_").lower()
+    return None
+
+
+def classify(exc: BaseException, *, upstream: str) -> Failure:
+    """Map an exception raised while talking to ``upstream`` to a `Failure`."""
+    alert = rejection_alert(exc)
+    if alert is not None:
+        return failure(
+            CLIENT_CERTIFICATE_REJECTED,
+            f"{upstream} rejected the client certificate (TLS alert: {alert})",
+            "client_cert",
+        )
+    # Order matters: the more specific classes come first.
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return failure(
+            UPSTREAM_TLS_FAILED,
+            f"{upstream}: server certificate not accepted: {exc.certificate_error}",
+            "tls",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return failure(
+            UPSTREAM_CONNECT_FAILED,
+            f"cannot resolve the host of {upstream}: {exc.os_error}",
+            "dns",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
+        return failure(UPSTREAM_TLS_FAILED, f"TLS handshake with {upstream} failed: {exc}", "tls")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return failure(UPSTREAM_TIMEOUT, f"connecting to {upstream} timed out", "timeout")
+    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
+        return failure(UPSTREAM_TIMEOUT, f"{upstream} did not answer in time", "timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return failure(
+            UPSTREAM_CONNECT_FAILED,
+            f"cannot connect to {upstream}: {exc.os_error.strerror or exc.os_error}",
+            "connect",
+        )
+    if isinstance(exc, ssl.SSLError):
+        return failure(UPSTREAM_TLS_FAILED, f"TLS error with {upstream}: {exc}", "tls")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return failure(
+            UPSTREAM_CONNECT_FAILED, f"{upstream} closed the connection without answering", "reset"
+        )
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return failure(
+            UPSTREAM_CONNECT_FAILED, f"{upstream} sent an invalid response: {exc}", "protocol"
+        )
+    if isinstance(exc, aiohttp.ClientOSError | ConnectionError | OSError):
+        return failure(UPSTREAM_CONNECT_FAILED, f"connection to {upstream} failed: {exc}", "reset")
+    if isinstance(exc, aiohttp.ClientError):
+        return failure(UPSTREAM_CONNECT_FAILED, f"request to {upstream} failed: {exc}", "protocol")
+    raise exc
+
+
+def error_response(
+    code: str, message: str, hint: str | None = None, *, request_id: str | None = None
+) -> web.Response:
+    """The sidecar's own answer: JSON error body and ``X-Sidecar-Error``."""
+    status, default_hint = ERROR_CODES[code]
+    body = {"error": {"code": code, "message": message, "hint": hint or default_hint}}
+    response = web.json_response(body, status=status)
+    response.headers["X-Sidecar-Error"] = code
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+    return response
