@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.errors import CredentialError, PasswordError
+from sidecar.tls_sessions import ResumingContext
 
 PrivateKey = (
     rsa.RSAPrivateKey
@@ -52,7 +53,6 @@ _CERT_LABELS = {b"CERTIFICATE", b"X509 CERTIFICATE", b"TRUSTED CERTIFICATE"}
 _KEY_LABELS = {b"PRIVATE KEY", b"ENCRYPTED PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY",
                b"DSA PRIVATE KEY"}  # fmt: skip
 _JKS_MAGIC = {b"\xfe\xed\xfe\xed": "JKS", b"\xce\xce\xce\xce": "JCEKS"}
-_PKCS12_SUFFIXES = {".p12", ".pfx"}
 
 
 def _now() -> dt.datetime:
@@ -363,7 +363,13 @@ def _load_pem_key(text: bytes, source: str, password: bytes | None) -> PrivateKe
 
 def _read_der(data: bytes, source: str, password: bytes | None, pkcs12_hint: bool) -> Bundle:
     try:
-        p12 = pkcs12.load_pkcs12(data, password)
+        try:
+            p12 = pkcs12.load_pkcs12(data, password)
+        except ValueError:
+            if password is None:
+                raise
+            # A password configured for an unencrypted PKCS#12 is not an error.
+            p12 = pkcs12.load_pkcs12(data, None)
     except ValueError as exc:
         p12_error: Exception | None = exc
     else:
@@ -515,7 +521,8 @@ def client_ssl_context(
     touches a file system (a 0600 temporary file removed at once is the
     fallback where ``memfd_create`` does not exist).
     """
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificate and host name
+    ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)  # honours SSL_CERT_FILE / SSL_CERT_DIR
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # Some SAP servers ask for the certificate after the handshake (TLS 1.3 PHA).
     ctx.post_handshake_auth = True

@@ -6,13 +6,26 @@ repository holds no key material.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
+from sidecar.config import (
+    Config,
+    CredentialsConfig,
+    ListenAddress,
+    RouteConfig,
+    TLSConfig,
+    parse_upstream,
+)
 from sidecar.pki import CA, Issued
+from sidecar.server import Sidecar
 
 
 @dataclass(frozen=True)
@@ -72,3 +85,67 @@ def bundle_file(pki: PKI, tmp_path: Path) -> Path:
     path.write_bytes(pki.client.btp_bundle())
     path.chmod(0o600)
     return path
+
+
+# ------------------------------------------------------------ servers on loopback
+
+
+@dataclass
+class Running:
+    """A started sidecar: its base URL and the object, for inspection."""
+
+    url: str
+    sidecar: Sidecar
+
+
+@pytest.fixture
+async def tls_upstream(pki: PKI) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """Start an aiohttp app over TLS on 127.0.0.1; returns its https://localhost:PORT URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application, *, require_client_cert: bool = True) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        ctx = pki.server_context(require_client_cert=require_client_cert)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+        await site.start()
+        runners.append(runner)
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        return f"https://localhost:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+def route_config(
+    upstream: str, bundle: Path, ca: Path, *, name: str = "test", **overrides: Any
+) -> RouteConfig:
+    """A route on 127.0.0.1:0 to ``upstream`` presenting ``bundle``."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "listen": ListenAddress("127.0.0.1", 0),
+        "upstream": parse_upstream(upstream),
+        "company_id": "ACME1234",
+        "credentials": CredentialsConfig(pem=bundle),
+        "tls": TLSConfig(ca_file=ca),
+    }
+    fields.update(overrides)
+    return RouteConfig(**fields)
+
+
+@pytest.fixture
+async def start_sidecar() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+    """Start a sidecar for some routes in this test's event loop; closed afterwards."""
+    started: list[Sidecar] = []
+
+    async def start(*routes: RouteConfig, env: dict[str, str] | None = None) -> Running:
+        sidecar = Sidecar(Config(routes=tuple(routes)), env=env or {})
+        await sidecar.start()
+        started.append(sidecar)
+        return Running(f"http://{sidecar.bound_address(sidecar.routes[0])}", sidecar)
+
+    yield start
+    for s in started:
+        await s.close()
