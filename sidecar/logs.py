@@ -47,10 +47,15 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = dt.datetime.fromtimestamp(record.created, dt.UTC).strftime("%H:%M:%S")
-        extras = " ".join(
-            f"{k}={v}"
-            for k, v in record.__dict__.items()
-            if k not in _RESERVED and not k.startswith("_")
+        # The access line's message already holds its fields.
+        extras = (
+            ""
+            if record.name == access_logger.name
+            else " ".join(
+                f"{k}={v}"
+                for k, v in record.__dict__.items()
+                if k not in _RESERVED and not k.startswith("_")
+            )
         )
         line = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
         if record.exc_info and record.exc_info[1] is not None:

@@ -312,22 +312,22 @@ class RouteProxy:
             return
         query = redact_query(request.query_string, keep_values=self._query_values)
         path = request.path + (f"?{query}" if query else "")
+        fields = {
+            "route": self.route.name,
+            "method": request.method,
+            "path": path,
+            "status": status,
+            "bytes_in": request.content.total_bytes,
+            "bytes_out": bytes_out,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "upstream_ms": None if upstream_time is None else round(upstream_time * 1000, 2),
+            "request_id": request_id,
+        }
         access_logger.info(
-            "%s %s %d",
-            request.method,
-            path,
-            status,
-            extra={
-                "route": self.route.name,
-                "method": request.method,
-                "path": path,
-                "status": status,
-                "bytes_in": request.content.total_bytes,
-                "bytes_out": bytes_out,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                "upstream_ms": None if upstream_time is None else round(upstream_time * 1000, 2),
-                "request_id": request_id,
-            },
+            "%(route)s %(method)s %(path)s %(status)d in=%(bytes_in)d out=%(bytes_out)d "
+            "%(duration_ms)sms upstream=%(upstream_ms)sms id=%(request_id)s",
+            fields,
+            extra=fields,
         )
 
 

@@ -177,8 +177,9 @@ def route(extra: str = "", *, credentials: str = "pem: client.pem", head: str = 
 def test_full_example_parses_into_frozen_dataclasses() -> None:
     config = parse(FULL, env={})
     assert config.source == BASE / NAME
-    assert config.log == LogConfig(level="debug", format="json", access_log=False,
-                                   query_values=True)  # fmt: skip
+    assert config.log == LogConfig(
+        level="debug", format="json", access_log=False, query_values=True
+    )
     assert config.admin_prefix == "/_admin/"
     sf, p12, btp = config.routes
 
@@ -264,8 +265,7 @@ def test_design_example_with_one_source_parses() -> None:
 
 def test_defaults_when_keys_are_omitted() -> None:
     config = parse(MINIMAL)
-    assert config.log == LogConfig(level="info", format="text", access_log=True,
-                                   query_values=False)  # fmt: skip
+    assert config.log == LogConfig(level="info", format="text", access_log=True, query_values=False)
     assert config.admin_prefix == "/-/"
     (r,) = config.routes
     assert r == RouteConfig(
@@ -331,8 +331,9 @@ def test_relative_and_absolute_and_home_paths() -> None:
 
 
 def test_booleans_accept_yaml_words() -> None:
-    (r,) = parse(route("rewrite_links: 'off'\n", head="log: {access_log: 'no'}\n")).routes
-    assert r.rewrite_links is False
+    config = parse(route("rewrite_links: 'off'\n", head="log: {access_log: 'no'}\n"))
+    assert config.routes[0].rewrite_links is False
+    assert config.log.access_log is False
     expect_error(
         route("rewrite_links: maybe\n"),
         "routes[0].rewrite_links",
@@ -430,8 +431,12 @@ def test_refresh_below_one_second_is_rejected() -> None:
 
 
 def test_zero_connect_timeout_is_rejected() -> None:
-    expect_error(route("timeouts: {connect: 0}\n"), "routes[0].timeouts.connect", 3,
-                 "must be at least 0.001s")  # fmt: skip
+    expect_error(
+        route("timeouts: {connect: 0}\n"),
+        "routes[0].timeouts.connect",
+        3,
+        "must be at least 0.001s",
+    )
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
@@ -493,8 +498,12 @@ def test_unset_variable_in_nested_key() -> None:
 
 
 def test_invalid_variable_reference() -> None:
-    expect_error(route("company_id: '${1BAD}'\n"), "routes[0].company_id", 3,
-                 "${1BAD} is not a valid environment variable name")  # fmt: skip
+    expect_error(
+        route("company_id: '${1BAD}'\n"),
+        "routes[0].company_id",
+        3,
+        "${1BAD} is not a valid environment variable name",
+    )
 
 
 def test_parse_config_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -535,7 +544,7 @@ def test_unknown_top_level_key() -> None:
             "headers: [a, b]\n",
             "routes[0].headers",
             "expected a mapping of names to values, got a list",
-        ),  # fmt: skip
+        ),
         ("tls: [a]\n", "routes[0].tls", "expected a mapping, got a list"),
         ("inbound: yes\n", "routes[0].inbound", "expected a mapping, got a boolean"),
         ("company_id: {a: 1}\n", "routes[0].company_id", "expected a string, got a mapping"),
@@ -559,8 +568,12 @@ def test_mapping_where_upstream_string_expected() -> None:
 
 def test_list_where_mapping_expected() -> None:
     expect_error("- a\n- b\n", "config", 1, "expected a mapping, got a list")
-    expect_error(route(credentials="").replace("{}", "[a.pem]"), "routes[0].credentials", 2,
-                 "expected a mapping, got a list")  # fmt: skip
+    expect_error(
+        route(credentials="").replace("{}", "[a.pem]"),
+        "routes[0].credentials",
+        2,
+        "expected a mapping, got a list",
+    )
     expect_error("log: [1]\n" + MINIMAL, "log", 1, "expected a mapping, got a list")
 
 
@@ -571,13 +584,21 @@ def test_routes_must_be_a_list_of_mappings() -> None:
 
 
 def test_pem_and_pkcs12_together() -> None:
-    expect_error(route(credentials="pem: a.pem, pkcs12: a.p12"), "routes[0].credentials", 2,
-                 "needs exactly one of pem, pkcs12, destination (found: pem, pkcs12)")  # fmt: skip
+    expect_error(
+        route(credentials="pem: a.pem, pkcs12: a.p12"),
+        "routes[0].credentials",
+        2,
+        "needs exactly one of pem, pkcs12, destination (found: pem, pkcs12)",
+    )
 
 
 def test_no_credential_source() -> None:
-    expect_error(route(credentials="warn_before: 1d"), "routes[0].credentials", 2,
-                 "needs exactly one of pem, pkcs12, destination (found: none)")  # fmt: skip
+    expect_error(
+        route(credentials="warn_before: 1d"),
+        "routes[0].credentials",
+        2,
+        "needs exactly one of pem, pkcs12, destination (found: none)",
+    )
 
 
 def test_missing_credentials_names_the_route() -> None:
@@ -595,21 +616,33 @@ def test_key_without_pem() -> None:
 def test_password_env_and_password_file_together() -> None:
     text = "routes:\n  - upstream: https://h.test\n    credentials:\n      pem: a.pem\n"
     text += "      password_env: PW\n      password_file: pw.txt\n"
-    expect_error(text, "routes[0].credentials.password_file", 6,
-                 "give password_env or password_file, not both")  # fmt: skip
+    expect_error(
+        text,
+        "routes[0].credentials.password_file",
+        6,
+        "give password_env or password_file, not both",
+    )
 
 
 @pytest.mark.parametrize("name", ["hunter2!", "my password", "1ABC"])
 def test_password_env_must_be_a_variable_name(name: str) -> None:
     text = route(credentials=f"pem: a.pem, password_env: '{name}'")
-    expect_error(text, "routes[0].credentials.password_env", 2,
-                 f"{name!r} is not an environment variable name",
-                 "not its value")  # fmt: skip
+    expect_error(
+        text,
+        "routes[0].credentials.password_env",
+        2,
+        f"{name!r} is not an environment variable name",
+        "not its value",
+    )
 
 
 def test_bad_token_env_name() -> None:
-    expect_error(route("inbound: {token_env: 'a-b'}\n"), "routes[0].inbound.token_env", 3,
-                 "'a-b' is not an environment variable name")  # fmt: skip
+    expect_error(
+        route("inbound: {token_env: 'a-b'}\n"),
+        "routes[0].inbound.token_env",
+        3,
+        "'a-b' is not an environment variable name",
+    )
 
 
 @pytest.mark.parametrize(
@@ -631,8 +664,9 @@ def test_bad_upstream(upstream: str, message: str) -> None:
 
 def test_missing_upstream_without_destination() -> None:
     text = "routes:\n  - name: r\n    credentials: {pem: a.pem}\n"
-    expect_error(text, "routes[0].upstream", 2, "is required unless the credentials come from "
-                 "a destination")  # fmt: skip
+    expect_error(
+        text, "routes[0].upstream", 2, "is required unless the credentials come from a destination"
+    )
 
 
 @pytest.mark.parametrize(
@@ -662,8 +696,13 @@ def test_non_loopback_listen_needs_allow_remote() -> None:
 
 def test_allow_remote_needs_token_env() -> None:
     text = route("listen: 0.0.0.0:8080\ninbound:\n  allow_remote: true\n")
-    expect_error(text, "routes[0].inbound.token_env", 4, "is required when allow_remote is true",
-                 "X-Sidecar-Token")  # fmt: skip
+    expect_error(
+        text,
+        "routes[0].inbound.token_env",
+        4,
+        "is required when allow_remote is true",
+        "X-Sidecar-Token",
+    )
 
 
 def test_allow_remote_with_token_env_is_accepted() -> None:
@@ -702,8 +741,9 @@ def test_duplicate_route_names() -> None:
 
 def test_duplicate_listen_addresses() -> None:
     text = TWO_ROUTES.replace("8081", "8080")
-    expect_error(text, "routes[1].listen", 7, "127.0.0.1:8080 is already used by routes[0]",
-                 "its own port")  # fmt: skip
+    expect_error(
+        text, "routes[1].listen", 7, "127.0.0.1:8080 is already used by routes[0]", "its own port"
+    )
 
 
 def test_duplicate_default_listen_points_at_the_route() -> None:
@@ -718,14 +758,22 @@ def test_port_zero_may_repeat() -> None:
 
 @pytest.mark.parametrize("name", ["bad header", "x:y", "caf\u00e9", "x@y"])
 def test_invalid_header_name(name: str) -> None:
-    expect_error(route(f"headers: {{'{name}': v}}\n"), f"routes[0].headers.{name}", 3,
-                 f"{name!r} is not a valid HTTP header name")  # fmt: skip
+    expect_error(
+        route(f"headers: {{'{name}': v}}\n"),
+        f"routes[0].headers.{name}",
+        3,
+        f"{name!r} is not a valid HTTP header name",
+    )
 
 
 @pytest.mark.parametrize("value", [r'"a\nb"', r'"a\rb"', r'"a\0b"'])
 def test_header_value_with_line_break(value: str) -> None:
-    expect_error(route(f"headers: {{x-a: {value}}}\n"), "routes[0].headers.x-a", 3,
-                 "must not contain line breaks or NUL")  # fmt: skip
+    expect_error(
+        route(f"headers: {{x-a: {value}}}\n"),
+        "routes[0].headers.x-a",
+        3,
+        "must not contain line breaks or NUL",
+    )
 
 
 def test_header_names_are_lower_cased_query_names_are_not() -> None:
@@ -734,12 +782,9 @@ def test_header_names_are_lower_cased_query_names_are_not() -> None:
     assert r.query == {"Page": "1"}
 
 
-@pytest.mark.parametrize("prefix", ["admin", "/admin", "admin/", "/", "//x"])
+@pytest.mark.parametrize("prefix", ["admin", "/admin", "admin/", "/", "//"])
 def test_admin_prefix_needs_slashes(prefix: str) -> None:
     text = f"admin_prefix: '{prefix}'\n" + MINIMAL
-    if prefix == "//x":
-        expect_error(text, "admin_prefix", 1, "must start and end with '/'")
-        return
     expect_error(text, "admin_prefix", 1, "must start and end with '/', e.g. /-/")
 
 
@@ -867,9 +912,10 @@ def test_config_from_flags_builds_the_same_objects(tmp_path: Path) -> None:
 
 def test_config_from_flags_pkcs12_and_destination(tmp_path: Path) -> None:
     (p12,) = config_from_flags(
-        RouteFlags(upstream="https://h.test", pkcs12="c.p12", password_file="pw"), env={},
+        RouteFlags(upstream="https://h.test", pkcs12="c.p12", password_file="pw"),
+        env={},
         cwd=tmp_path,
-    ).routes  # fmt: skip
+    ).routes
     assert p12.credentials == CredentialsConfig(
         pkcs12=tmp_path / "c.p12", password_file=tmp_path / "pw"
     )
@@ -888,8 +934,13 @@ def test_config_from_flags_defaults_cwd(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_remote_listen_from_flags() -> None:
-    flags = RouteFlags(upstream="https://h.test", cert="/b.pem", listen="0.0.0.0:8080",
-                       allow_remote=True, token_env="TOK")  # fmt: skip
+    flags = RouteFlags(
+        upstream="https://h.test",
+        cert="/b.pem",
+        listen="0.0.0.0:8080",
+        allow_remote=True,
+        token_env="TOK",
+    )
     (r,) = config_from_flags(flags, env={}).routes
     assert r.inbound == InboundConfig(allow_remote=True, token_env="TOK")
 
@@ -909,8 +960,9 @@ routes:
 
 
 def test_flags_override_the_single_route_of_a_file(tmp_path: Path) -> None:
-    flags = RouteFlags(upstream="https://flag.example.test", cert="flag.pem",
-                       headers=("X-A: 9",), listen="9000")  # fmt: skip
+    flags = RouteFlags(
+        upstream="https://flag.example.test", cert="flag.pem", headers=("X-A: 9",), listen="9000"
+    )
     (r,) = parse(FILE_ROUTE, flags=flags, cwd=tmp_path).routes
     assert r.name == "file-route"
     assert str(r.upstream) == "https://flag.example.test"
@@ -931,8 +983,9 @@ def test_flags_fill_in_a_file_route(tmp_path: Path) -> None:
 
 
 def test_flags_with_two_route_file_are_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="route flags cannot be combined with a config file "
-                       "that has 2 routes"):  # fmt: skip
+    with pytest.raises(
+        UsageError, match="route flags cannot be combined with a config file that has 2 routes"
+    ):
         parse(TWO_ROUTES, flags=RouteFlags(company_id="X"))
 
 
@@ -949,47 +1002,79 @@ def test_bad_header_flag(line: str) -> None:
 
 def test_bad_header_name_flag() -> None:
     flags = RouteFlags(upstream="https://h.test", cert="b.pem", headers=("bad name: x",))
-    with pytest.raises(ConfigError, match=re.escape("routes[0].headers.bad name (--header): "
-                                                    "'bad name' is not a valid")):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("routes[0].headers.bad name (--header): 'bad name' is not a valid"),
+    ):
         config_from_flags(flags, env={})
 
 
 @pytest.mark.parametrize(
     ("flags", "prefix", "message"),
     [
-        (RouteFlags(upstream="http://h.test", cert="b.pem"), "routes[0].upstream (--upstream)",
-         "must start with https://"),
-        (RouteFlags(upstream="https://h.test", cert="b.pem", listen="80x"),
-         "routes[0].listen (--listen)", "is not HOST:PORT"),
-        (RouteFlags(upstream="https://h.test", cert="b.pem", listen="0.0.0.0:80"),
-         "routes[0].listen (--listen)", "reachable from other machines"),
-        (RouteFlags(upstream="https://h.test", cert="b.pem", password_env="not a name"),
-         "routes[0].credentials.password_env (--password-env)", "not an environment variable"),
-        (RouteFlags(upstream="https://h.test", pkcs12="c.p12", key="k.pem"),
-         "routes[0].credentials.key (--key)", "goes with `pem` only"),
-        (RouteFlags(upstream="https://h.test", cert="b.pem", pkcs12="c.p12"),
-         "routes[0].credentials (--cert)", "exactly one of pem, pkcs12, destination"),
-        (RouteFlags(upstream="https://h.test", cert="b.pem", listen="0.0.0.0:80",
-                    allow_remote=True),
-         "routes[0].inbound.token_env (--allow-remote)", "is required when allow_remote"),
-        (RouteFlags(upstream="https://h.test", cert="b.pem", token_env="a-b"),
-         "routes[0].inbound.token_env (--token-env)", "not an environment variable"),
-        (RouteFlags(upstream="https://${UNSET_HOST}", cert="b.pem"),
-         "routes[0].upstream (--upstream)", "UNSET_HOST is not set"),
+        (
+            RouteFlags(upstream="http://h.test", cert="b.pem"),
+            "routes[0].upstream (--upstream)",
+            "must start with https://",
+        ),
+        (
+            RouteFlags(upstream="https://h.test", cert="b.pem", listen="80x"),
+            "routes[0].listen (--listen)",
+            "is not HOST:PORT",
+        ),
+        (
+            RouteFlags(upstream="https://h.test", cert="b.pem", listen="0.0.0.0:80"),
+            "routes[0].listen (--listen)",
+            "reachable from other machines",
+        ),
+        (
+            RouteFlags(upstream="https://h.test", cert="b.pem", password_env="not a name"),
+            "routes[0].credentials.password_env (--password-env)",
+            "not an environment variable",
+        ),
+        (
+            RouteFlags(upstream="https://h.test", pkcs12="c.p12", key="k.pem"),
+            "routes[0].credentials.key (--key)",
+            "goes with `pem` only",
+        ),
+        (
+            RouteFlags(upstream="https://h.test", cert="b.pem", pkcs12="c.p12"),
+            "routes[0].credentials (--cert)",
+            "exactly one of pem, pkcs12, destination",
+        ),
+        (
+            RouteFlags(
+                upstream="https://h.test", cert="b.pem", listen="0.0.0.0:80", allow_remote=True
+            ),
+            "routes[0].inbound.token_env (--allow-remote)",
+            "is required when allow_remote",
+        ),
+        (
+            RouteFlags(upstream="https://h.test", cert="b.pem", token_env="a-b"),
+            "routes[0].inbound.token_env (--token-env)",
+            "not an environment variable",
+        ),
+        (
+            RouteFlags(upstream="https://${UNSET_HOST}", cert="b.pem"),
+            "routes[0].upstream (--upstream)",
+            "UNSET_HOST is not set",
+        ),
     ],
-)  # fmt: skip
+)
 def test_flag_errors_name_the_flag(flags: RouteFlags, prefix: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(prefix) + ": .*" + re.escape(message)):
         config_from_flags(flags, env={})
 
 
 def test_flags_missing_upstream_or_credentials() -> None:
-    with pytest.raises(ConfigError, match=re.escape("routes[0].upstream (command line): is "
-                       "required")) as info:  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=re.escape("routes[0].upstream (command line): is required")
+    ) as info:
         config_from_flags(RouteFlags(cert="b.pem"), env={})
     assert "--upstream" in str(info.value)
-    with pytest.raises(ConfigError, match=re.escape("routes[0].credentials (command line): is "
-                       "required")) as info:  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=re.escape("routes[0].credentials (command line): is required")
+    ) as info:
         config_from_flags(RouteFlags(upstream="https://h.test"), env={})
     assert "--cert" in str(info.value)
 
@@ -1040,8 +1125,9 @@ def test_find_config_file_reads_os_environ(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_load_config_without_anything_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="no configuration: no -c FILE, no \\$SIDECAR_CONFIG "
-                       "and no ./sidecar.yaml") as info:  # fmt: skip
+    with pytest.raises(
+        UsageError, match="no configuration: no -c FILE, no \\$SIDECAR_CONFIG and no ./sidecar.yaml"
+    ) as info:
         load_config(None, RouteFlags(), env={})
     assert "mtls-sidecar init" in str(info.value)
     with pytest.raises(UsageError):

@@ -1,0 +1,422 @@
+"""``run``, ``healthcheck`` and ``check --probe`` as users and containers run them.
+
+``run`` and ``healthcheck`` run as real ``python -m sidecar`` processes: the
+signal handling, the exit codes and the one-line errors on stderr are only
+real there. The upstreams are the threaded blocking TLS servers of
+tests.tls_servers, so every test here is synchronous and nothing waits on a
+bare sleep: the tests wait on the sidecar's "listening on" log line, on
+events the upstream sets, or poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sidecar.cli import main
+from tests.conftest import PKI
+from tests.tls_servers import TLSServer, answer, read_request, respond, server_context
+
+START_TIMEOUT = 20.0  # seconds for a fresh interpreter to import and bind
+SHUTDOWN = 5.0  # timeouts.shutdown of the configs below
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def write_files(directory: Path, pki: PKI) -> tuple[Path, Path]:
+    """The BTP-style client bundle (mode 0600) and the upstream's CA, in ``directory``."""
+    bundle = directory / "client-bundle.pem"
+    bundle.write_bytes(pki.client.btp_bundle())
+    bundle.chmod(0o600)
+    ca = directory / "ca.pem"
+    ca.write_bytes(pki.root.cert_pem())
+    return bundle, ca
+
+
+def write_config(
+    directory: Path, *, upstream: str, port: int, pem: str = "client-bundle.pem"
+) -> Path:
+    """A one-route config; paths are relative to it, as users write them."""
+    path = directory / "sidecar.yaml"
+    path.write_text(
+        f"""\
+log:
+  level: info
+routes:
+  - name: cli
+    listen: 127.0.0.1:{port}
+    upstream: {upstream}
+    company_id: ACME1234
+    credentials:
+      pem: {pem}
+    tls:
+      ca_file: ca.pem
+    timeouts: {{connect: 5s, read: 10s, shutdown: {SHUTDOWN}s}}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def sidecar_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class SidecarProcess:
+    """``python -m sidecar ARGS`` with stdout and stderr collected by a thread."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.lines: list[str] = []
+        self.listening = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", *args],
+            cwd=cwd,
+            env=sidecar_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, name="sidecar-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if "listening on http://" in line:
+                self.listening.set()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_listening(self) -> None:
+        if not self.listening.wait(START_TIMEOUT):
+            raise AssertionError(f"the sidecar did not start:\n{self.output}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def get(port: int, path: str, timeout: float = 15) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        cwd=cwd,
+        env=sidecar_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# ----------------------------------------------------------- a running sidecar
+
+
+@dataclass
+class Served:
+    port: int
+    upstream: TLSServer
+    process: SidecarProcess
+
+
+@pytest.fixture(scope="module")
+def served(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One ``run`` process in front of a threaded upstream, shared by the module."""
+    directory = tmp_path_factory.mktemp("served")
+    write_files(directory, pki)
+    with TLSServer(server_context(pki), respond) as upstream:
+        port = free_port()
+        config = write_config(directory, upstream=upstream.url, port=port)
+        process = SidecarProcess("run", "-c", str(config), cwd=directory)
+        try:
+            process.wait_listening()
+            yield Served(port, upstream, process)
+        finally:
+            process.stop()
+
+
+def test_run_serves_a_request_end_to_end(served: Served) -> None:
+    before = len(served.upstream.requests)
+    status, headers, body = get(served.port, "/odata/v2/User?$top=1")
+    assert (status, body) == (200, b"ok")
+    assert headers.get("X-Request-ID")
+    head = served.upstream.requests[before].decode()
+    assert head.startswith("GET /odata/v2/User?$top=1 HTTP/1.1")
+    assert "successfactors-companyid: ACME1234" in head
+    (cert, *_) = served.upstream.peer_certs
+    assert dict(pair[0] for pair in cert["subject"])["commonName"] == "sidecar-technical-user"  # type: ignore[attr-defined]
+    assert "Traceback" not in served.process.output
+
+
+def test_healthcheck_against_a_running_sidecar(served: Served, tmp_path: Path) -> None:
+    result = run_cli(
+        "healthcheck", "--url", f"http://127.0.0.1:{served.port}/-/ready", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ready" in result.stdout
+
+
+def test_healthcheck_against_a_closed_port(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/-/ready"
+    result = run_cli("healthcheck", "--url", url, cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not reachable" in lines[0] and url in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------- lifecycle
+
+
+def test_sigterm_lets_a_slow_request_finish_and_refuses_new_connections(
+    pki: PKI, tmp_path: Path
+) -> None:
+    received = threading.Event()
+
+    def slow(server: TLSServer, conn: ssl.SSLSocket) -> None:
+        read_request(server, conn)
+        received.set()
+        threading.Event().wait(1.5)  # the upstream is slow, the test waits on events
+        answer(conn, body=b"slow but complete")
+
+    write_files(tmp_path, pki)
+    port = free_port()
+    with TLSServer(server_context(pki), slow) as upstream, ThreadPoolExecutor(1) as pool:
+        config = write_config(tmp_path, upstream=upstream.url, port=port)
+        process = SidecarProcess("run", "-c", str(config), cwd=tmp_path)
+        try:
+            process.wait_listening()
+            in_flight = pool.submit(get, port, "/slow")
+            assert received.wait(10), process.output
+
+            process.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            deadline = signalled + SHUTDOWN
+            while not refuses_connections(port):
+                assert time.monotonic() < deadline, "still accepting after SIGTERM"
+                time.sleep(0.02)
+            assert not in_flight.done(), "the slow request ended before new ones were refused"
+
+            status, _, body = in_flight.result(timeout=10)
+            assert (status, body) == (200, b"slow but complete")
+            assert process.proc.wait(SHUTDOWN + 5) == 0, process.output
+            assert time.monotonic() - signalled < SHUTDOWN + 1
+        finally:
+            process.stop()
+    assert "Traceback" not in process.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a request slower than timeouts.shutdown keeps the process alive for about "
+    "twice timeouts.shutdown (aiohttp waits `shutdown_timeout` for the handler, then again "
+    "after its cancel, which does not interrupt a handler waiting on the upstream)",
+)
+def test_sigterm_exits_within_the_shutdown_timeout_when_a_request_is_slower(
+    pki: PKI, tmp_path: Path
+) -> None:
+    shutdown = 1.5
+    received = threading.Event()
+    release = threading.Event()
+
+    def stuck(server: TLSServer, conn: ssl.SSLSocket) -> None:
+        read_request(server, conn)
+        received.set()
+        release.wait(20)
+
+    write_files(tmp_path, pki)
+    port = free_port()
+    with TLSServer(server_context(pki), stuck) as upstream, ThreadPoolExecutor(1) as pool:
+        config = write_config(tmp_path, upstream=upstream.url, port=port)
+        text = config.read_text().replace(f"shutdown: {SHUTDOWN}s", f"shutdown: {shutdown}s")
+        config.write_text(text)
+        process = SidecarProcess("run", "-c", str(config), cwd=tmp_path)
+        try:
+            process.wait_listening()
+            in_flight = pool.submit(get, port, "/stuck")
+            assert received.wait(10), process.output
+            process.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert process.proc.wait(4 * shutdown + 5) == 0, process.output
+            took = time.monotonic() - signalled
+            # The client is cut off, never told the request succeeded.
+            with pytest.raises((http.client.HTTPException, OSError)):
+                in_flight.result(timeout=10)
+        finally:
+            release.set()
+            process.stop()
+    assert took < shutdown + 1, f"exited {took:.2f}s after SIGTERM (shutdown: {shutdown}s)"
+
+
+# ---------------------------------------------------------- errors at startup
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mtls-sidecar: error: ")
+    return lines[0]
+
+
+def test_run_with_an_expired_certificate_exits_2(pki: PKI, tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    expired = pki.intermediate.client(
+        not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
+    )
+    write_files(tmp_path, pki)
+    bundle = tmp_path / "expired.pem"
+    bundle.write_bytes(expired.btp_bundle())
+    bundle.chmod(0o600)
+    config = write_config(
+        tmp_path, upstream="https://localhost:1", port=free_port(), pem="expired.pem"
+    )
+    line = _one_line_error(run_cli("run", "-c", str(config), cwd=tmp_path))
+    assert "expired.pem" in line and "expired on" in line
+    assert "hint:" in line
+
+
+def test_run_with_a_missing_certificate_file_exits_2(pki: PKI, tmp_path: Path) -> None:
+    write_files(tmp_path, pki)
+    config = write_config(
+        tmp_path, upstream="https://localhost:1", port=free_port(), pem="missing.pem"
+    )
+    line = _one_line_error(run_cli("run", "-c", str(config), cwd=tmp_path))
+    assert "missing.pem" in line and "not found" in line
+
+
+def test_run_with_a_missing_config_file_exits_2(tmp_path: Path) -> None:
+    line = _one_line_error(run_cli("run", "-c", "nowhere.yaml", cwd=tmp_path))
+    assert "nowhere.yaml" in line and "not found" in line
+
+
+def test_run_on_a_port_in_use_exits_2(pki: PKI, tmp_path: Path) -> None:
+    write_files(tmp_path, pki)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, upstream="https://localhost:1", port=port)
+        line = _one_line_error(run_cli("run", "-c", str(config), cwd=tmp_path))
+    assert f"routes[0].listen: cannot listen on 127.0.0.1:{port}" in line
+    assert "address already in use" in line
+
+
+# ------------------------------------------------------------------ check --probe
+
+
+def _check_probe(config: Path) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["check", "-c", str(config), "--probe"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+def test_check_probe_accepted(pki: PKI, tmp_path: Path) -> None:
+    write_files(tmp_path, pki)
+    with TLSServer(server_context(pki), respond) as upstream:
+        config = write_config(tmp_path, upstream=upstream.url, port=free_port())
+        code, output = _check_probe(config)
+    assert code == 0, output
+    assert "certificate:  ACCEPTED" in output
+    assert "HTTP status 200" in output
+    assert len(upstream.peer_certs) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the probe reads the TLS version and cipher from resp.connection, which aiohttp "
+    "has already released when a small body came with the headers: it prints 'handshake "
+    "completed' instead",
+)
+def test_check_probe_reports_the_negotiated_protocol(pki: PKI, tmp_path: Path) -> None:
+    write_files(tmp_path, pki)
+    with TLSServer(server_context(pki), respond) as upstream:
+        config = write_config(tmp_path, upstream=upstream.url, port=free_port())
+        code, output = _check_probe(config)
+    assert code == 0, output
+    assert "probe:        handshake TLSv1.3 TLS_" in output
+
+
+def test_check_probe_rejected(pki: PKI, tmp_path: Path) -> None:
+    write_files(tmp_path, pki)
+    ctx = server_context(pki, client_ca=pki.other_ca.cert_pem())
+    with TLSServer(ctx, respond) as upstream:
+        config = write_config(tmp_path, upstream=upstream.url, port=free_port())
+        code, output = _check_probe(config)
+    assert code == 1, output
+    assert "NOT ACCEPTED" in output
+    assert "rejected the client certificate" in output
+    assert "Security Center" in output
+    assert upstream.handshake_errors
+
+
+def test_check_probe_401_is_not_accepted(pki: PKI, tmp_path: Path) -> None:
+    def unauthorized(server: TLSServer, conn: ssl.SSLSocket) -> None:
+        read_request(server, conn)
+        answer(conn, 401, b'{"error": {"code": "AuthenticationFailed"}}')
+
+    write_files(tmp_path, pki)
+    with TLSServer(server_context(pki), unauthorized) as upstream:
+        config = write_config(tmp_path, upstream=upstream.url, port=free_port())
+        code, output = _check_probe(config)
+    assert code == 1, output
+    assert "HTTP status 401" in output and "NOT ACCEPTED" in output
+    assert "company id" in output and "X.509 certificate mapping" in output
+
+
+def test_check_probe_unreachable(pki: PKI, tmp_path: Path) -> None:
+    write_files(tmp_path, pki)
+    config = write_config(tmp_path, upstream=f"https://localhost:{free_port()}", port=free_port())
+    code, output = _check_probe(config)
+    assert code == 1, output
+    assert "NOT ACCEPTED" in output
+    assert "cannot connect" in output

@@ -1,0 +1,221 @@
+"""``mtls-sidecar demo``: the fake SuccessFactors API behind the sidecar.
+
+In process, the fake (sidecar.demo.fake_successfactors) and the sidecar with
+the demo's config answer OData paging through mTLS; the fake alone demands
+the client certificate and the company id. One real ``python -m sidecar
+demo`` process shows the command a new user runs first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from sidecar.demo import DEMO_COMPANY_ID, FakeUpstream, demo_config, fake_successfactors
+from sidecar.server import Sidecar
+
+START_TIMEOUT = 20.0
+
+
+@dataclass
+class Demo:
+    upstream: FakeUpstream
+    url: str  # the sidecar's http://127.0.0.1:PORT
+
+
+@pytest.fixture
+async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
+    async with fake_successfactors(tmp_path) as upstream:
+        sidecar = Sidecar(demo_config(upstream, 0), env={})
+        await sidecar.start()
+        try:
+            yield Demo(upstream, f"http://{sidecar.bound_address(sidecar.routes[0])}")
+        finally:
+            await sidecar.close()
+
+
+async def get_json(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> Any:
+    async with session.get(url, **kwargs) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == "application/json"
+        return await resp.json()
+
+
+def client_context(upstream: FakeUpstream, *, with_certificate: bool = True) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(upstream.pki.ca_file))
+    if with_certificate:
+        # The BTP-style bundle holds the key and the chain; OpenSSL picks both out.
+        ctx.load_cert_chain(str(upstream.pki.client_bundle))
+    return ctx
+
+
+# ------------------------------------------------------------------ in process
+
+
+async def test_users_page_through_the_sidecar(demo: Demo) -> None:
+    upstream_origin = URL(demo.upstream.url).origin()
+    local_origin = URL(demo.url).origin()
+    seen: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        first = await get_json(session, demo.url + "/odata/v2/User")
+        page = first["d"]
+        assert len(page["results"]) == 20
+        while True:
+            for user in page["results"]:
+                uri = URL(user["__metadata"]["uri"])
+                assert uri.is_absolute() and uri.path == f"/odata/v2/User('{user['userId']}')"
+                assert uri.origin() in (upstream_origin, local_origin), uri
+                seen.append(user["userId"])
+            next_link = page.get("__next")
+            if next_link is None:
+                break
+            link = URL(next_link)
+            assert link.is_absolute() and link.origin() in (upstream_origin, local_origin)
+            assert len(seen) < 45, "paging does not end"
+            # Follow the link through the sidecar, whichever origin it names.
+            page = (await get_json(session, demo.url + link.raw_path_qs))["d"]
+    assert seen == [f"u{i:04d}" for i in range(1, 46)]
+
+
+async def test_metadata_and_one_user_through_the_sidecar(demo: Demo) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(demo.url + "/odata/v2/$metadata") as resp:
+            assert resp.status == 200
+            assert '<EntitySet Name="User"' in await resp.text()
+        user = await get_json(session, demo.url + "/odata/v2/User('u0007')")
+        assert user["d"]["userId"] == "u0007"
+        async with session.get(demo.url + "/-/ready") as resp:
+            assert resp.status == 200
+
+
+async def test_fake_without_the_company_id_answers_authentication_failed(demo: Demo) -> None:
+    ctx = client_context(demo.upstream)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(demo.upstream.url + "/odata/v2/User", ssl=ctx) as resp:
+            assert resp.status == 401
+            body = await resp.json()
+        assert body["error"]["code"] == "AuthenticationFailed"
+        assert "X.509" in body["error"]["message"]["value"]
+
+        # The same request with the header is served: the certificate was fine.
+        headers = {"successfactors-companyid": DEMO_COMPANY_ID}
+        users = await get_json(
+            session, demo.upstream.url + "/odata/v2/User?$top=2", ssl=ctx, headers=headers
+        )
+        assert len(users["d"]["results"]) == 2
+
+
+async def test_fake_demands_a_client_certificate(demo: Demo) -> None:
+    ctx = client_context(demo.upstream, with_certificate=False)
+    headers = {"successfactors-companyid": DEMO_COMPANY_ID}
+    async with aiohttp.ClientSession() as session:
+        # The aiohttp server hides the alert: the client sees the connection drop.
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with session.get(
+                demo.upstream.url + "/odata/v2/User", ssl=ctx, headers=headers
+            ) as resp:
+                await resp.read()
+        # With the certificate, the very same request is served.
+        ctx = client_context(demo.upstream)
+        await get_json(session, demo.upstream.url + "/odata/v2/User", ssl=ctx, headers=headers)
+
+
+async def test_authentication_failed_passes_through_with_a_helpful_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with fake_successfactors(tmp_path) as upstream:
+        config = demo_config(upstream, 0)
+        route = dataclasses.replace(config.routes[0], company_id="WRONG123")
+        sidecar = Sidecar(dataclasses.replace(config, routes=(route,)), env={})
+        await sidecar.start()
+        try:
+            url = f"http://{sidecar.bound_address(sidecar.routes[0])}/odata/v2/User"
+            async with aiohttp.ClientSession() as session, session.get(url) as resp:
+                assert resp.status == 401
+                assert "X-Sidecar-Error" not in resp.headers
+                body = await resp.json()
+        finally:
+            await sidecar.close()
+    assert body["error"]["code"] == "AuthenticationFailed"
+    warning = next(r.getMessage() for r in caplog.records if r.name == "sidecar.proxy")
+    assert "WRONG123" in warning and "login name" in warning
+
+
+# ----------------------------------------------------------------- the command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_demo_command_serves_users_and_stops_on_sigint(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "demo", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    banner = threading.Event()
+    out: list[str] = []
+    err: list[str] = []
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if f"mtls-sidecar listening on http://127.0.0.1:{port}" in line:
+                banner.set()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        err.extend(proc.stderr)
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_stdout, read_stderr)]
+    for t in readers:
+        t.start()
+    try:
+        assert banner.wait(START_TIMEOUT), "".join(out + err)
+        assert any(f"curl 'http://127.0.0.1:{port}/odata/v2/User" in line for line in out)
+        url = f"http://127.0.0.1:{port}/odata/v2/User?$top=3"
+        with urllib.request.urlopen(url, timeout=15) as resp:
+            assert resp.status == 200
+            users = json.load(resp)["d"]["results"]
+        assert [u["userId"] for u in users] == ["u0001", "u0002", "u0003"]
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0, "".join(out + err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for t in readers:
+            t.join(10)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    assert "Traceback" not in "".join(out + err)

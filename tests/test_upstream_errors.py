@@ -1,0 +1,640 @@
+"""DESIGN.md's error table, every row produced end to end through the sidecar.
+
+Each failure is caused for real on loopback (a server that refuses our
+client certificate, an untrusted or misnamed upstream certificate, a closed
+port, a reset, a slow upstream, an expiring certificate, requests the
+sidecar must refuse) and the answer is checked against the contract: the
+row's status, ``Content-Type: application/json``, ``X-Sidecar-Error`` and
+the ``{"error": {"code", "message", "hint"}}`` body, never a traceback.
+The blocking servers of tests.tls_servers stand in where an aiohttp server
+would hide what the sidecar must see (the TLS alert, post-handshake
+authentication, a connection closed without an answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_reqrep import ConnectionKey, RequestInfo
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.config import InboundConfig, Timeouts
+from sidecar.upstream_errors import ERROR_CODES, Failure, classify
+from tests.conftest import PKI, load_chain, route_config
+from tests.tls_servers import (
+    ResetServer,
+    TLSServer,
+    close_without_answer,
+    post_handshake_auth,
+    reset_after_request,
+    respond,
+    server_context,
+)
+
+# DESIGN.md, "Errors the sidecar itself answers", copied by hand on purpose:
+# the table in the code must not drift from the contract.
+DESIGN_TABLE = {
+    "upstream_connect_failed": 502,
+    "upstream_tls_failed": 502,
+    "client_certificate_rejected": 502,
+    "upstream_timeout": 504,
+    "credentials_unavailable": 503,
+    "forbidden_target": 403,
+    "inbound_auth_required": 401,
+    "bad_request": 400,
+}
+UPSTREAM = "https://upstream.example:8443"
+TOKEN = "t" * 32
+
+
+# ------------------------------------------------------------------ helpers
+
+
+class Answer:
+    """Status, headers and body of one response, however it was obtained."""
+
+    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"Answer({self.status}, {dict(self.headers)!r}, {self.body[:500]!r})"
+
+
+async def fetch(url: str, method: str = "GET", **kwargs: Any) -> Answer:
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url, **kwargs) as resp:
+            return Answer(resp.status, CIMultiDict(resp.headers), await resp.read())
+
+
+async def raw_exchange(base_url: str, request: bytes) -> Answer:
+    """Send ``request`` verbatim on a new connection and read one response."""
+    url = URL(base_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers.add(name.strip(), value.strip())
+        length = int(headers.get("Content-Length", "0"))
+        body = await asyncio.wait_for(reader.readexactly(length), 10)
+        return Answer(status, headers, body)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def assert_sidecar_error(answer: Answer, code: str) -> dict[str, str]:
+    """The sidecar's own JSON error for ``code``; returns its ``error`` object."""
+    assert b"Traceback" not in answer.body, answer
+    assert answer.status == DESIGN_TABLE[code], answer
+    assert answer.headers.get("X-Sidecar-Error") == code, answer
+    assert answer.headers.get("Content-Type", "").startswith("application/json"), answer
+    doc = json.loads(answer.body)
+    assert list(doc) == ["error"], doc
+    error = doc["error"]
+    assert set(error) == {"code", "message", "hint"}, error
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["hint"], str) and error["hint"]
+    return dict(error)
+
+
+def free_port() -> int:
+    """A port nothing listens on: bound, noted, closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def ok_app() -> web.Application:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok from upstream")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", ok)
+    return app
+
+
+def connection_key(host: str = "upstream.example", port: int = 8443) -> ConnectionKey:
+    return ConnectionKey(host, port, True, True, None, None, None)
+
+
+# ------------------------------------------------- client_certificate_rejected
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+async def test_client_certificate_rejected(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any, version: ssl.TLSVersion
+) -> None:
+    # The server trusts only another CA: our chain ends in an unknown CA. With
+    # TLS 1.2 the alert ends the handshake; with TLS 1.3 the client has already
+    # finished its side and reads the alert on the first read after it.
+    ctx = server_context(pki, client_ca=pki.other_ca.cert_pem(), maximum_version=version)
+    with TLSServer(ctx, respond) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/odata/v2/User")
+    error = assert_sidecar_error(answer, "client_certificate_rejected")
+    assert "unknown_ca" in error["message"]
+    assert upstream.url.removeprefix("https://") in error["message"]
+    assert "X.509" in error["hint"] and "Security Center" in error["hint"]
+    assert upstream.handshake_errors, "the server never saw (and refused) our certificate"
+    assert upstream.requests == []
+    assert upstream.errors == []
+
+
+async def test_tls13_post_handshake_authentication(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    ctx = server_context(pki, post_handshake_auth=True)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    with TLSServer(ctx, post_handshake_auth) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/pha")
+    assert upstream.errors == []
+    assert answer.status == 200, answer
+    assert answer.body == b"authenticated after the handshake"
+    assert "X-Sidecar-Error" not in answer.headers
+    (cert,) = upstream.peer_certs
+    subject = dict(pair[0] for pair in cert["subject"])  # type: ignore[attr-defined]
+    assert subject["commonName"] == "sidecar-technical-user"
+    assert upstream.requests[0].startswith(b"GET /pha HTTP/1.1")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a handshake_failure alert caused by no shared cipher is reported as "
+    "client_certificate_rejected with the Security Center hint",
+)
+async def test_handshake_failure_without_a_common_cipher_is_not_blamed_on_the_certificate(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    # The server accepts our CA but offers only a cipher with RSA key exchange,
+    # which its EC certificate cannot use: OpenSSL answers "no shared cipher"
+    # with a handshake_failure alert before any certificate was looked at.
+    ctx = server_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
+    ctx.set_ciphers("AES128-SHA")
+    with TLSServer(ctx, respond) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/x")
+    assert "NO_SHARED_CIPHER" in str(upstream.handshake_errors)
+    assert_sidecar_error(answer, "upstream_tls_failed")
+
+
+# --------------------------------------------------------- upstream_tls_failed
+
+
+@pytest.mark.parametrize("case", ["untrusted-ca", "name-mismatch"])
+async def test_upstream_tls_failed(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any, case: str
+) -> None:
+    if case == "untrusted-ca":
+        server_cert, reason = pki.other_ca.server("localhost"), "certificate verify failed"
+    else:
+        server_cert, reason = pki.root.server("otherhost"), "Hostname mismatch"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_chain(ctx, server_cert)
+    with TLSServer(ctx, respond) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/x")
+    error = assert_sidecar_error(answer, "upstream_tls_failed")
+    assert reason in error["message"]
+    assert "ca_file" in error["hint"]
+    assert upstream.requests == [], "a request went to an upstream we do not trust"
+
+
+# ----------------------------------------------------- upstream_connect_failed
+
+
+async def test_upstream_connect_failed_closed_port(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    port = free_port()
+    running = await start_sidecar(route_config(f"https://localhost:{port}", bundle_file, ca_file))
+    answer = await fetch(running.url + "/x")
+    error = assert_sidecar_error(answer, "upstream_connect_failed")
+    assert f"localhost:{port}" in error["message"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the message for a refused connection is asyncio's \"Connect call failed "
+    "('127.0.0.1', PORT)\": classify() prints os_error.strerror, which asyncio replaced, "
+    "and drops the errno's 'Connection refused'",
+)
+async def test_closed_port_message_says_refused(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    port = free_port()
+    running = await start_sidecar(route_config(f"https://127.0.0.1:{port}", bundle_file, ca_file))
+    answer = await fetch(running.url + "/x")
+    error = assert_sidecar_error(answer, "upstream_connect_failed")
+    assert "refused" in error["message"].lower(), error["message"]
+
+
+async def test_upstream_connect_failed_reset_on_connect(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    with ResetServer() as upstream:
+        url = f"https://localhost:{upstream.port}"
+        running = await start_sidecar(route_config(url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/x")
+    error = assert_sidecar_error(answer, "upstream_connect_failed")
+    # Whether the reset shows up in connect() or in the TLS handshake depends on timing.
+    assert f"localhost:{upstream.port}" in error["message"]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_upstream_connect_failed_reset_after_request(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any, method: str
+) -> None:
+    with TLSServer(server_context(pki), reset_after_request) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(
+            running.url + "/x", method, data=b"payload" if method == "POST" else None
+        )
+    assert_sidecar_error(answer, "upstream_connect_failed")
+    assert upstream.errors == []
+
+
+class FailingResolver(AbstractResolver):
+    """Fails every lookup like getaddrinfo for an unknown name, without asking DNS."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.append(host)
+        raise OSError(socket.EAI_NONAME, "Name or service not known")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_classify_dns_failure_from_a_real_connector() -> None:
+    resolver = FailingResolver()
+    connector = aiohttp.TCPConnector(resolver=resolver)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        with pytest.raises(aiohttp.ClientConnectorDNSError) as info:
+            await session.get("https://api.sf-upstream.test/odata/v2/User")
+    assert resolver.asked == ["api.sf-upstream.test"]
+    fail = classify(info.value, upstream="https://api.sf-upstream.test")
+    assert (fail.status, fail.code, fail.kind) == (502, "upstream_connect_failed", "dns")
+    assert "cannot resolve" in fail.message and "api.sf-upstream.test" in fail.message
+
+
+async def test_upstream_connect_failed_dns_end_to_end(
+    monkeypatch: pytest.MonkeyPatch, bundle_file: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    # The route's connector builds its resolver from this name; no lookup leaves the process.
+    monkeypatch.setattr(aiohttp.connector, "DefaultResolver", FailingResolver)
+    url = "https://api.sf-upstream.test"
+    running = await start_sidecar(route_config(url, bundle_file, ca_file))
+    answer = await fetch(running.url + "/x")
+    error = assert_sidecar_error(answer, "upstream_connect_failed")
+    assert "cannot resolve" in error["message"]
+
+
+# ------------------------------------------------------------ upstream_timeout
+
+
+async def test_upstream_timeout_on_read(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    received = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        received.set()
+        await release.wait()
+        return web.Response(text="too late")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    url = await tls_upstream(app)
+    route = route_config(
+        url, bundle_file, ca_file, timeouts=Timeouts(connect=5, read=0.5, shutdown=1)
+    )
+    running = await start_sidecar(route)
+    started = time.monotonic()
+    try:
+        answer = await fetch(running.url + "/slow")
+    finally:
+        release.set()
+    elapsed = time.monotonic() - started
+    assert received.is_set()
+    error = assert_sidecar_error(answer, "upstream_timeout")
+    assert "in time" in error["message"]
+    assert 0.5 <= elapsed < 5, elapsed
+
+
+def test_classify_connect_timeout() -> None:
+    fail = classify(aiohttp.ConnectionTimeoutError("Connection timeout to host"), upstream=UPSTREAM)
+    assert (fail.status, fail.code, fail.kind) == (504, "upstream_timeout", "timeout")
+    assert "connecting to" in fail.message and UPSTREAM in fail.message
+    assert "timeouts.connect" in fail.hint
+
+
+# ----------------------------------------------------- credentials_unavailable
+
+
+async def test_credentials_unavailable_after_the_certificate_expires(
+    pki: PKI, tmp_path: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    not_after = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
+    short = pki.intermediate.client(not_after=not_after)
+    bundle = tmp_path / "short-lived.pem"
+    bundle.write_bytes(short.key_pem() + short.chain_pem())
+    bundle.chmod(0o600)
+    url = await tls_upstream(ok_app())
+    running = await start_sidecar(route_config(url, bundle, ca_file))
+
+    before = await fetch(running.url + "/x")
+    assert before.status == 200, "the certificate should still be valid: the test is too slow"
+    assert (await fetch(running.url + "/-/ready")).status == 200
+
+    deadline = time.monotonic() + 10
+    while dt.datetime.now(dt.UTC) < not_after and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    ready = await fetch(running.url + "/-/ready")
+    assert ready.status == 503, ready
+    reason = json.loads(ready.body)["reason"]
+    assert "expired" in reason
+    answer = await fetch(running.url + "/x")
+    error = assert_sidecar_error(answer, "credentials_unavailable")
+    assert "expired" in error["message"]
+    assert "/-/ready" in error["hint"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the 503 credentials_unavailable answered once the certificate has expired "
+    "(server.py's handler) carries no X-Request-ID, unlike every other answer",
+)
+async def test_credentials_unavailable_returns_the_request_id(
+    pki: PKI, tmp_path: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    not_after = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=2)
+    short = pki.intermediate.client(not_after=not_after)
+    bundle = tmp_path / "short-lived.pem"
+    bundle.write_bytes(short.btp_bundle())
+    bundle.chmod(0o600)
+    url = await tls_upstream(ok_app())
+    running = await start_sidecar(route_config(url, bundle, ca_file))
+    deadline = time.monotonic() + 10
+    while dt.datetime.now(dt.UTC) < not_after and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    answer = await fetch(running.url + "/x", headers={"X-Request-ID": "trace-4711"})
+    assert_sidecar_error(answer, "credentials_unavailable")
+    assert answer.headers.get("X-Request-ID") == "trace-4711"
+
+
+# ------------------------------------------------------------ forbidden_target
+
+
+async def test_forbidden_target_absolute_form_for_another_host(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    url = await tls_upstream(ok_app())
+    running = await start_sidecar(route_config(url, bundle_file, ca_file))
+    answer = await raw_exchange(
+        running.url, b"GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    )
+    error = assert_sidecar_error(answer, "forbidden_target")
+    assert "evil.example" in error["message"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: CONNECT host:443 gets aiohttp's text/plain 404 from the router, "
+    "not 403 forbidden_target",
+)
+async def test_forbidden_target_connect(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    url = await tls_upstream(ok_app())
+    running = await start_sidecar(route_config(url, bundle_file, ca_file))
+    answer = await raw_exchange(
+        running.url, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    )
+    error = assert_sidecar_error(answer, "forbidden_target")
+    assert "CONNECT" in error["message"]
+
+
+# ------------------------------------------------------- inbound_auth_required
+
+
+async def test_inbound_auth_required(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    url = await tls_upstream(ok_app())
+    route = route_config(url, bundle_file, ca_file, inbound=InboundConfig(token_env="TOK"))
+    running = await start_sidecar(route, env={"TOK": TOKEN})
+
+    missing = await fetch(running.url + "/x")
+    error = assert_sidecar_error(missing, "inbound_auth_required")
+    assert "X-Sidecar-Token" in error["message"] and "X-Sidecar-Token" in error["hint"]
+    wrong = await fetch(running.url + "/x", headers={"X-Sidecar-Token": "u" * 32})
+    assert_sidecar_error(wrong, "inbound_auth_required")
+
+    right = await fetch(running.url + "/x", headers={"X-Sidecar-Token": TOKEN})
+    assert (right.status, right.body) == (200, b"ok from upstream")
+    # Probes never need the token.
+    assert (await fetch(running.url + "/-/ready")).status == 200
+
+
+# ----------------------------------------------------------------- bad_request
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: `OPTIONS * HTTP/1.1` gets aiohttp's text/plain 404 from the router; "
+    "no request can reach the proxy's bad_request answer",
+)
+async def test_bad_request_asterisk_form(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    url = await tls_upstream(ok_app())
+    running = await start_sidecar(route_config(url, bundle_file, ca_file))
+    answer = await raw_exchange(running.url, b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert_sidecar_error(answer, "bad_request")
+
+
+MALFORMED = {
+    "garbage-request-line": b"GARBAGE\r\n\r\n",
+    "nul-in-path": b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad-header-line": b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    "bad-content-length": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    "header-too-long": b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+    "obsolete-line-folding": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: b\r\n  folded\r\n\r\n",
+    "content-length-and-chunked": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_requests_get_400_without_a_traceback(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any, request_bytes: bytes
+) -> None:
+    url = await tls_upstream(ok_app())
+    running = await start_sidecar(route_config(url, bundle_file, ca_file))
+    answer = await raw_exchange(running.url, request_bytes)
+    assert answer.status == 400, answer
+    assert b"Traceback" not in answer.body
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a request aiohttp cannot parse gets aiohttp's text/plain 400 with the "
+    "parser's message, not the JSON bad_request of DESIGN's table",
+)
+async def test_malformed_request_is_json_bad_request(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    url = await tls_upstream(ok_app())
+    running = await start_sidecar(route_config(url, bundle_file, ca_file))
+    answer = await raw_exchange(running.url, MALFORMED["garbage-request-line"])
+    assert_sidecar_error(answer, "bad_request")
+
+
+# ------------------------------------------------------ the table is complete
+
+
+def test_error_codes_are_designs_table() -> None:
+    assert {code: status for code, (status, _) in ERROR_CODES.items()} == DESIGN_TABLE
+    assert all(hint for _, hint in ERROR_CODES.values())
+
+
+def _client_errors() -> dict[str, tuple[BaseException, str]]:
+    key = connection_key()
+    info = RequestInfo(URL(UPSTREAM), "GET", CIMultiDictProxy(CIMultiDict()))
+    verify = ssl.SSLCertVerificationError(
+        1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get issuer"
+    )
+    return {
+        "ClientConnectorError": (
+            aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connection refused")),
+            "upstream_connect_failed",
+        ),
+        "ClientConnectorDNSError": (
+            aiohttp.ClientConnectorDNSError(key, OSError(socket.EAI_NONAME, "Name not known")),
+            "upstream_connect_failed",
+        ),
+        "ClientConnectorCertificateError": (
+            aiohttp.ClientConnectorCertificateError(key, verify),
+            "upstream_tls_failed",
+        ),
+        "ClientConnectorSSLError": (
+            aiohttp.ClientConnectorSSLError(key, ssl.SSLError(1, "[SSL] wrong version number")),
+            "upstream_tls_failed",
+        ),
+        "ClientConnectorSSLError-alert": (
+            aiohttp.ClientConnectorSSLError(
+                key, ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+            ),
+            "client_certificate_rejected",
+        ),
+        "ClientSSLError": (
+            aiohttp.ClientSSLError(key, ssl.SSLError(1, "[SSL] decryption failed")),
+            "upstream_tls_failed",
+        ),
+        "ServerDisconnectedError": (aiohttp.ServerDisconnectedError(), "upstream_connect_failed"),
+        "ServerTimeoutError": (
+            aiohttp.ServerTimeoutError("Timeout on reading"),
+            "upstream_timeout",
+        ),
+        "ConnectionTimeoutError": (aiohttp.ConnectionTimeoutError("connect"), "upstream_timeout"),
+        "SocketTimeoutError": (aiohttp.SocketTimeoutError("sock_read"), "upstream_timeout"),
+        "ClientPayloadError": (
+            aiohttp.ClientPayloadError("Response payload is not completed"),
+            "upstream_connect_failed",
+        ),
+        "ClientOSError": (
+            aiohttp.ClientOSError(104, "Connection reset by peer"),
+            "upstream_connect_failed",
+        ),
+        "ClientOSError-tls13-alert": (
+            aiohttp.ClientOSError(
+                1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required"
+            ),
+            "client_certificate_rejected",
+        ),
+        "ClientResponseError": (
+            aiohttp.ClientResponseError(info, (), status=400, message="Invalid response"),
+            "upstream_connect_failed",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"), list(_client_errors().values()), ids=list(_client_errors())
+)
+def test_classify_maps_every_aiohttp_client_error(exc: BaseException, code: str) -> None:
+    fail = classify(exc, upstream=UPSTREAM)
+    assert isinstance(fail, Failure)
+    assert (fail.code, fail.status) == (code, DESIGN_TABLE[code])
+    assert fail.message and fail.hint and fail.kind
+    assert "Traceback" not in fail.message
+
+
+def test_classify_covers_every_client_error_class_of_aiohttp() -> None:
+    # A new exception class in aiohttp's list should show up here, not in production.
+    covered = {type(exc) for exc, _ in _client_errors().values()}
+    expected = {
+        aiohttp.ClientConnectorError,
+        aiohttp.ClientConnectorDNSError,
+        aiohttp.ClientConnectorCertificateError,
+        aiohttp.ClientConnectorSSLError,
+        aiohttp.ClientSSLError,
+        aiohttp.ServerDisconnectedError,
+        aiohttp.ServerTimeoutError,
+        aiohttp.ConnectionTimeoutError,
+        aiohttp.SocketTimeoutError,
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientOSError,
+        aiohttp.ClientResponseError,
+    }
+    assert expected <= covered
+
+
+# ------------------------------------------------------------- no retry of a body
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_request_whose_body_went_out_is_not_retried(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any, method: str
+) -> None:
+    with TLSServer(server_context(pki), close_without_answer) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/odata/v2/upsert", method, data=b"x" * 10_000)
+    assert len(upstream.requests) == 1, upstream.requests
+    assert upstream.connections == 1
+    assert upstream.requests[0].startswith(f"{method} /odata/v2/upsert ".encode())
+    error = assert_sidecar_error(answer, "upstream_connect_failed")
+    assert "without answering" in error["message"]
