@@ -36,7 +36,7 @@ class Admin:
     def matches(self, path: str) -> bool:
         return path.startswith(self.prefix)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         name = request.path[len(self.prefix) :]
         if request.method not in ("GET", "HEAD"):
             return web.json_response({"error": {"code": "method_not_allowed"}}, status=405)

@@ -138,6 +138,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
             client_ssl_context(identity, ca_file=route.tls.ca_file)
         except SidecarError as exc:
             click.echo(f"  ERROR:        {exc}")
+            click.echo(f"mtls-sidecar: error: routes[{i}] ({route.name}): {exc}", err=True)
             failed += 1
             continue
         for w in identity.warnings:
@@ -156,7 +157,8 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
             click.echo(f"  certificate:  {verdict}: {result.message}")
             rejected += not result.accepted
     if failed:
-        _fail(f"{failed} of {len(config.routes)} route(s) cannot start; see ERROR above")
+        click.echo(f"FAILED: {failed} of {len(config.routes)} route(s) cannot start")
+        sys.exit(EXIT_USAGE)
     if rejected:
         _fail(f"{rejected} route(s) failed the probe; see above", EXIT_RUNTIME)
     click.echo(f"OK: {len(config.routes)} route(s) ready")
@@ -234,7 +236,7 @@ def init(output: str, force: bool) -> None:
     path = Path(output)
     if path.exists() and not force:
         raise UsageError(f"{path}: already exists", hint="choose another -o, or add --force")
-    path.write_text(text, encoding="utf-8")
+    _write(path, text.encode())
     click.echo(f"wrote {path}; edit upstream, company_id and credentials, then run "
                f"`mtls-sidecar check -c {path}`")  # fmt: skip
 
@@ -249,8 +251,12 @@ def _read_cli_bundle(
 ) -> Bundle:
     if password_env and password_file:
         raise UsageError("give --password-env or --password-file, not both")
-    password = read_password(password_env=password_env, password_file=password_file,
-                             where="--password-env")  # fmt: skip
+    password = read_password(
+        password_env=password_env,
+        password_file=password_file,
+        env_label="--password-env",
+        file_label="--password-file",
+    )
     is_p12 = file.suffix.lower() in (".p12", ".pfx")
     if is_p12 and key is not None:
         raise UsageError("--key goes with a PEM bundle, not with PKCS#12")
@@ -332,11 +338,23 @@ def cert_export_public(
     if output is None:
         click.echo(pem.decode(), nl=False)
         return
-    try:
-        output.write_bytes(pem)
-    except OSError as exc:
-        raise UsageError(f"{output}: cannot write: {exc.strerror or exc}") from None
+    if any(output.resolve() == p.resolve() for p in (file, key) if p is not None):
+        raise UsageError(
+            f"{output}: is an input file; writing the public chain there would destroy the key",
+            hint="choose another -o, e.g. public.pem",
+        )
+    _write(output, pem)
     click.echo(f"wrote {len(bundle.chain)} certificate(s), no key, to {output}", err=True)
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise UsageError(
+            f"{path}: cannot write: {exc.strerror or exc}",
+            hint="check that the folder exists and is writable",
+        ) from None
 
 
 def run_main() -> None:

@@ -67,15 +67,19 @@ def read_password(
     password_env: str | None = None,
     password_file: Path | None = None,
     env: Mapping[str, str] | None = None,
-    where: str = "credentials",
+    env_label: str = "credentials.password_env",
+    file_label: str = "credentials.password_file",
 ) -> bytes | None:
-    """The key password from an environment variable or a file, never from argv."""
+    """The key password from an environment variable or a file, never from argv.
+
+    The labels name where the variable or file was configured, for messages.
+    """
     env = os.environ if env is None else env
     if password_env:
         if password_env not in env:
             raise PasswordError(
-                f"{where}.password_env: environment variable {password_env} is not set",
-                hint=f"export {password_env}=... before starting the sidecar",
+                f"{env_label}: environment variable {password_env} is not set",
+                hint=f"export {password_env}=... (the key password) and try again",
             )
         return env[password_env].encode()
     if password_file:
@@ -84,12 +88,12 @@ def read_password(
         except FileNotFoundError:
             raise PasswordError(
                 f"{password_file}: password file not found",
-                hint=f"create it with the key password, or fix {where}.password_file",
+                hint=f"create it with the key password, or fix {file_label}",
             ) from None
         except OSError as exc:
             raise PasswordError(
                 f"{password_file}: cannot read password file: {exc.strerror or exc}",
-                hint=f"{where}.password_file must be a file readable by the sidecar's user",
+                hint=f"{file_label} must be a file readable by the sidecar's user",
             ) from None
         # Files written by editors and `echo` end with a newline that is not part of it.
         return data.removesuffix(b"\n").removesuffix(b"\r")
@@ -514,7 +518,7 @@ def _with_permission_warning(bundle: Bundle, key_path: Path) -> Bundle:
 
 def client_ssl_context(
     identity: ClientIdentity | None, *, ca_file: Path | None = None
-) -> ssl.SSLContext:
+) -> ResumingContext:
     """A verifying TLS ≥1.2 client context presenting ``identity``'s chain.
 
     The key travels to OpenSSL through an anonymous memory file, so it never

@@ -42,13 +42,6 @@ async def probe(route: RouteConfig, identity: ClientIdentity) -> ProbeResult:
                 allow_redirects=False,
                 server_hostname=route.tls.server_name,
             ) as resp:
-                handshake = "completed"
-                conn = resp.connection
-                ssl_object = (
-                    conn.transport.get_extra_info("ssl_object") if conn and conn.transport else None
-                )
-                if ssl_object is not None:
-                    handshake = f"{ssl_object.version()} {ssl_object.cipher()[0]}"
                 await resp.read()
                 status = resp.status
         except Exception as exc:
@@ -60,6 +53,11 @@ async def probe(route: RouteConfig, identity: ClientIdentity) -> ProbeResult:
                 status=None,
                 message=f"{fail.message} (hint: {fail.hint})",
             )
+    handshake = "completed"
+    ssl_object = ctx.last_connection(route.tls.server_name or route.upstream.host)
+    if ssl_object is not None and ssl_object.version():
+        cipher = ssl_object.cipher()
+        handshake = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
     if status in (401, 403):
         return ProbeResult(
             accepted=False,

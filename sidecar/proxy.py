@@ -20,9 +20,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, quote
 
 import aiohttp
 from aiohttp import web
@@ -88,7 +88,7 @@ def merge_query(query_string: str, extra: dict[str, str]) -> str:
     """The client's raw query plus ``extra`` parameters it did not send itself."""
     if not extra:
         return query_string
-    sent = {unquote(name) for name, _ in parse_qsl(query_string, keep_blank_values=True)}
+    sent = {name for name, _ in parse_qsl(query_string, keep_blank_values=True)}
     added = [f"{quote(k, safe='$')}={quote(v, safe='')}" for k, v in extra.items() if k not in sent]
     return "&".join(p for p in (query_string, *added) if p)
 
@@ -109,12 +109,14 @@ class RouteProxy:
         *,
         token: str | None,
         query_values: bool = False,
+        unavailable: Callable[[], str | None] = lambda: None,
     ) -> None:
         assert route.upstream is not None
         self.route = route
         self.client = client
         self.upstream = route.upstream
         self._token = token.encode() if token else None
+        self._unavailable = unavailable
         self._query_values = query_values
         set_headers = dict(route.headers)
         if route.company_id:
@@ -128,7 +130,7 @@ class RouteProxy:
 
     # ---------------------------------------------------------------- checks
 
-    def _refusal(self, request: web.Request) -> web.Response | None:
+    def _refusal(self, request: web.BaseRequest) -> web.Response | None:
         if request.method == "CONNECT":
             return error_response(
                 FORBIDDEN_TARGET, "CONNECT tunnels are not served: the sidecar is not an open proxy"
@@ -148,18 +150,19 @@ class RouteProxy:
             return False
         return url.explicit_port is None or url.port in (self.upstream.port, 80, 443)
 
-    def check_token(self, request: web.Request) -> web.Response | None:
+    def check_token(self, request: web.BaseRequest) -> web.Response | None:
         """401 unless the inbound token (when one is configured) was sent."""
         if self._token is None:
             return None
-        given = request.headers.get(TOKEN_HEADER, "").encode()
+        # surrogateescape: a header with non-UTF-8 bytes is just a wrong token
+        given = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape")
         if hmac.compare_digest(given, self._token):
             return None
         return error_response(INBOUND_AUTH_REQUIRED, f"missing or wrong {TOKEN_HEADER} header")
 
     # ---------------------------------------------------------------- handler
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         if not _REQUEST_ID.match(request_id):
@@ -169,12 +172,13 @@ class RouteProxy:
             refusal.headers[REQUEST_ID_HEADER] = request_id
             return self._logged(request, refusal, started, request_id)
         generation = self.client.current
-        if generation is None:
+        reason = self._unavailable()
+        if generation is None or reason is not None:
             return self._logged(
                 request,
                 error_response(
                     CREDENTIALS_UNAVAILABLE,
-                    f"route {self.route.name}: no valid client certificate is loaded",
+                    f"route {self.route.name}: {reason or 'no valid client certificate'}",
                     request_id=request_id,
                 ),
                 started,
@@ -191,6 +195,23 @@ class RouteProxy:
                 started,
                 request_id,
             )
+        bad = _undecodable_header(request.headers)
+        if bad is not None:
+            return self._logged(
+                request,
+                error_response(
+                    BAD_REQUEST,
+                    f"the value of header {bad} is not valid UTF-8; it cannot be forwarded "
+                    "unchanged",
+                    "send header values as ASCII or UTF-8",
+                    request_id=request_id,
+                ),
+                started,
+                request_id,
+            )
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # Checks passed: invite the body (a refusal above is answered without it).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         headers = filter_headers(request.headers, self._drop)
         headers.extend(self._set_headers)
         headers[REQUEST_ID_HEADER] = request_id
@@ -214,7 +235,7 @@ class RouteProxy:
         finally:
             await upstream_cm.__aexit__(None, None, None)
 
-    def _target(self, request: web.Request, request_id: str) -> _Target:
+    def _target(self, request: web.BaseRequest, request_id: str) -> _Target:
         raw_path = request.raw_path
         if _absolute_form(request):
             raw_path = request.url.raw_path_qs
@@ -234,7 +255,7 @@ class RouteProxy:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
         started: float,
         upstream_time: float,
@@ -281,7 +302,7 @@ class RouteProxy:
     # ---------------------------------------------------------------- outcomes
 
     def _failed(
-        self, request: web.Request, fail: Failure, started: float, request_id: str
+        self, request: web.BaseRequest, fail: Failure, started: float, request_id: str
     ) -> web.StreamResponse:
         log.warning(
             "%s %s failed: %s",
@@ -294,14 +315,14 @@ class RouteProxy:
         return self._logged(request, response, started, request_id)
 
     def _logged(
-        self, request: web.Request, response: web.Response, started: float, request_id: str
+        self, request: web.BaseRequest, response: web.Response, started: float, request_id: str
     ) -> web.Response:
         self._access(request, response.status, len(response.body or b""), started, None, request_id)  # type: ignore[arg-type]
         return response
 
     def _access(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         status: int,
         bytes_out: int,
         started: float,
@@ -331,5 +352,16 @@ class RouteProxy:
         )
 
 
-def _absolute_form(request: web.Request) -> bool:
+def _undecodable_header(headers: CIMultiDictProxy[str]) -> str | None:
+    """The name of a header whose bytes were not UTF-8 (aiohttp keeps them as surrogates)."""
+    for name, value in headers.items():
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
+def _absolute_form(request: web.BaseRequest) -> bool:
     return request.raw_path[:1] != "/" and "://" in request.raw_path[:10]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import os
 import signal
@@ -23,11 +24,11 @@ from aiohttp import web
 from sidecar.admin import Admin, readiness
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.listener import start_listener
 from sidecar.proxy import RouteProxy
 from sidecar.sources import FileSource, source_for
 from sidecar.tasks import TaskGroup
 from sidecar.upstream import UpstreamClient
-from sidecar.upstream_errors import CREDENTIALS_UNAVAILABLE, error_response
 
 log = logging.getLogger("sidecar")
 
@@ -76,8 +77,9 @@ class Sidecar:
         self.env = os.environ if env is None else env
         self.tasks = TaskGroup()
         self.routes: list[RouteRuntime] = []
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.ServerRunner] = []
         self._stop = asyncio.Event()
+        self._in_flight: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         """Load credentials, bind every listener; raise `SidecarError` on user errors."""
@@ -90,7 +92,11 @@ class Sidecar:
                 log.warning("route %s: %s", route.name, w)
             rt.client.install(identity)
             rt.proxy = RouteProxy(
-                route, rt.client, token=token, query_values=self.config.log.query_values
+                route,
+                rt.client,
+                token=token,
+                query_values=self.config.log.query_values,
+                unavailable=functools.partial(readiness, rt),
             )
             self.routes.append(rt)
         try:
@@ -119,33 +125,31 @@ class Sidecar:
         proxy = rt.proxy
         assert proxy is not None
 
-        async def handler(request: web.Request) -> web.StreamResponse:
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
             if admin.matches(request.path):
                 return await admin.handle(request)
-            reason = readiness(rt)
-            if reason is not None and rt.client.current is not None:
-                return error_response(CREDENTIALS_UNAVAILABLE, f"route {rt.route.name}: {reason}")
-            return await proxy.handle(request)
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight.add(task)
+            try:
+                return await proxy.handle(request)
+            finally:
+                self._in_flight.discard(task)
 
-        app = web.Application(handler_args={"max_field_size": 16384})
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handler_cancellation=True,
-            shutdown_timeout=rt.route.timeouts.shutdown,
-        )
-        await runner.setup()
-        self._runners.append(runner)
-        site = web.TCPSite(runner, rt.route.listen.host, rt.route.listen.port, reuse_address=True)
         try:
-            await site.start()
+            runner, site = await start_listener(
+                handler,
+                rt.route.listen.host,
+                rt.route.listen.port,
+                shutdown_timeout=rt.route.timeouts.shutdown,
+            )
         except OSError as exc:
             raise ConfigError(
                 f"routes[{rt.index}].listen: cannot listen on {rt.route.listen}: "
                 f"{exc.strerror or exc}",
                 hint="pick a free port, or stop the process that uses it",
             ) from None
+        self._runners.append(runner)
         rt.site = site
         log.info("route %s: listening on http://%s, forwarding to %s", rt.route.name,
                  self.bound_address(rt), rt.route.upstream)  # fmt: skip
@@ -181,7 +185,16 @@ class Sidecar:
 
     async def close(self) -> None:
         """Stop accepting, let requests in flight finish (``timeouts.shutdown``), close."""
-        await asyncio.gather(*(r.cleanup() for r in self._runners))
+        grace = max((r.timeouts.shutdown for r in self.config.routes), default=0.0)
+        stopping = asyncio.gather(*(r.cleanup() for r in self._runners))
+        done, _ = await asyncio.wait({stopping}, timeout=grace + 0.1)
+        if not done:
+            # aiohttp's own cancel does not reach a handler waiting on the upstream.
+            log.warning("cancelling %d request(s) still in flight after %.1fs",
+                        len(self._in_flight), grace)  # fmt: skip
+            for task in list(self._in_flight):
+                task.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
         self._runners.clear()
         await self.tasks.close()
         for rt in self.routes:

@@ -36,7 +36,8 @@ def read_file_bundle(
         password_env=creds.password_env,
         password_file=creds.password_file,
         env=env,
-        where=where,
+        env_label=f"{where}.password_env",
+        file_label=f"{where}.password_file",
     )
     return read_bundle(pem=creds.pem, key=creds.key, pkcs12_path=creds.pkcs12, password=password)
 

@@ -51,6 +51,10 @@ class ResumingContext(ssl.SSLContext):
             self._last[key] = obj
         return obj
 
+    def last_connection(self, server_hostname: str | None) -> ssl.SSLObject | None:
+        """The TLS object of the newest connection to ``server_hostname`` (for reports)."""
+        return self._last.get(server_hostname)
+
     def _resumable(self, key: str | None) -> ssl.SSLSession | None:
         previous = self._last.get(key)
         if previous is not None:

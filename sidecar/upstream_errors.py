@@ -9,6 +9,7 @@ probe and the logs all use it, so a failure reads the same everywhere.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ CREDENTIALS_UNAVAILABLE = "credentials_unavailable"
 FORBIDDEN_TARGET = "forbidden_target"
 INBOUND_AUTH_REQUIRED = "inbound_auth_required"
 BAD_REQUEST = "bad_request"
+INTERNAL_ERROR = "internal_error"  # a bug in the sidecar; never expected
 
 #: status and default hint of every code the sidecar answers itself
 ERROR_CODES: dict[str, tuple[int, str]] = {
@@ -56,6 +58,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     ),
     INBOUND_AUTH_REQUIRED: (401, "send the configured token in the X-Sidecar-Token header"),
     BAD_REQUEST: (400, "fix the request's syntax"),
+    INTERNAL_ERROR: (500, "please report this with the sidecar's log lines"),
 }
 
 # OpenSSL reasons of TLS alerts a server sends when it does not accept the
@@ -71,8 +74,7 @@ _REJECTION_ALERTS = (
     "ALERT_CERTIFICATE_EXPIRED",
     "ALERT_ACCESS_DENIED",
     "ALERT_DECRYPT_ERROR",
-    "ALERT_HANDSHAKE_FAILURE",
-)
+)  # not HANDSHAKE_FAILURE: it mostly means no common protocol or cipher
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,13 @@ def rejection_alert(exc: BaseException) -> str | None:
     return None
 
 
+def _reason(error: OSError) -> str:
+    # asyncio replaces strerror with "Connect call failed (...)"; the errno still tells.
+    if error.errno:
+        return f"{os.strerror(error.errno)} ({error.strerror or error})"
+    return str(error.strerror or error)
+
+
 def classify(exc: BaseException, *, upstream: str) -> Failure:
     """Map an exception raised while talking to ``upstream`` to a `Failure`."""
     alert = rejection_alert(exc)
@@ -135,7 +144,13 @@ def classify(exc: BaseException, *, upstream: str) -> Failure:
             "dns",
         )
     if isinstance(exc, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
-        return failure(UPSTREAM_TLS_FAILED, f"TLS handshake with {upstream} failed: {exc}", "tls")
+        return failure(
+            UPSTREAM_TLS_FAILED,
+            f"TLS handshake with {upstream} failed: {exc.os_error}",
+            "tls",
+            "no TLS version or cipher in common with the upstream, or it refused the client "
+            "certificate without saying so: check tls settings and the X.509 mapping",
+        )
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return failure(UPSTREAM_TIMEOUT, f"connecting to {upstream} timed out", "timeout")
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
@@ -143,7 +158,7 @@ def classify(exc: BaseException, *, upstream: str) -> Failure:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return failure(
             UPSTREAM_CONNECT_FAILED,
-            f"cannot connect to {upstream}: {exc.os_error.strerror or exc.os_error}",
+            f"cannot connect to {upstream}: {_reason(exc.os_error)}",
             "connect",
         )
     if isinstance(exc, ssl.SSLError):

@@ -255,12 +255,6 @@ def test_sigterm_lets_a_slow_request_finish_and_refuses_new_connections(
     assert "Traceback" not in process.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a request slower than timeouts.shutdown keeps the process alive for about "
-    "twice timeouts.shutdown (aiohttp waits `shutdown_timeout` for the handler, then again "
-    "after its cancel, which does not interrupt a handler waiting on the upstream)",
-)
 def test_sigterm_exits_within_the_shutdown_timeout_when_a_request_is_slower(
     pki: PKI, tmp_path: Path
 ) -> None:
@@ -371,12 +365,6 @@ def test_check_probe_accepted(pki: PKI, tmp_path: Path) -> None:
     assert len(upstream.peer_certs) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the probe reads the TLS version and cipher from resp.connection, which aiohttp "
-    "has already released when a small body came with the headers: it prints 'handshake "
-    "completed' instead",
-)
 def test_check_probe_reports_the_negotiated_protocol(pki: PKI, tmp_path: Path) -> None:
     write_files(tmp_path, pki)
     with TLSServer(server_context(pki), respond) as upstream:

@@ -333,7 +333,11 @@ def test_missing_password_for_pkcs12(pki, tmp_path):
 
 def test_password_env_not_set():
     with pytest.raises(PasswordError, match="NO_SUCH_PASSWORD_VAR is not set") as exc:
-        read_password(password_env="NO_SUCH_PASSWORD_VAR", env={}, where="routes[0].credentials")
+        read_password(
+            password_env="NO_SUCH_PASSWORD_VAR",
+            env={},
+            env_label="routes[0].credentials.password_env",
+        )
     says(exc.value, "routes[0].credentials.password_env", "export NO_SUCH_PASSWORD_VAR=")
 
 
