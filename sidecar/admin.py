@@ -1,7 +1,10 @@
 """The admin endpoints under ``admin_prefix`` on every listener.
 
 ``health`` says the process serves; ``ready`` says the route has a loaded,
-currently valid client certificate (503 with the reason otherwise).
+currently valid client certificate (503 with the reason otherwise);
+``status`` is JSON for people, ``metrics`` Prometheus text for machines.
+Probes (health, ready) never need the inbound token; status and metrics do
+when one is configured. Nothing here ever shows a key, password or token.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from sidecar.metrics import CONTENT_TYPE
+
 if TYPE_CHECKING:
-    from sidecar.server import RouteRuntime
+    from sidecar.proxy import RouteProxy
+    from sidecar.server import RouteRuntime, Sidecar
 
 
 def readiness(runtime: RouteRuntime, now: dt.datetime | None = None) -> str | None:
@@ -27,11 +33,13 @@ def readiness(runtime: RouteRuntime, now: dt.datetime | None = None) -> str | No
 
 
 class Admin:
-    """Answers ``{prefix}health`` and ``{prefix}ready`` for one route's listener."""
+    """Answers ``{prefix}health|ready|status|metrics`` for one route's listener."""
 
-    def __init__(self, prefix: str, runtime: RouteRuntime) -> None:
-        self.prefix = prefix
+    def __init__(self, sidecar: Sidecar, runtime: RouteRuntime, proxy: RouteProxy) -> None:
+        self.prefix = sidecar.config.admin_prefix
+        self.sidecar = sidecar
         self.runtime = runtime
+        self.proxy = proxy
 
     def matches(self, path: str) -> bool:
         return path.startswith(self.prefix)
@@ -39,7 +47,7 @@ class Admin:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         name = request.path[len(self.prefix) :]
         if request.method not in ("GET", "HEAD"):
-            return web.json_response({"error": {"code": "method_not_allowed"}}, status=405)
+            return _json_error(405, "method_not_allowed", "admin endpoints answer GET only")
         if name == "health":
             return web.json_response({"status": "ok"})
         if name == "ready":
@@ -50,7 +58,17 @@ class Admin:
             return web.json_response(
                 {"status": "unavailable", "route": route, "reason": reason}, status=503
             )
-        return web.json_response(
-            {"error": {"code": "not_found", "message": f"no admin endpoint {request.path}"}},
-            status=404,
-        )
+        if name in ("status", "metrics"):
+            refusal = self.proxy.check_token(request)
+            if refusal is not None:
+                return refusal
+            if name == "status":
+                return web.json_response(self.sidecar.status())
+            return web.Response(
+                body=self.sidecar.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
+            )
+        return _json_error(404, "not_found", f"no admin endpoint {request.path}")
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)

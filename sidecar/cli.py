@@ -27,7 +27,7 @@ from sidecar.errors import SidecarError, UsageError
 from sidecar.identity import Bundle, client_ssl_context, read_bundle, read_password
 from sidecar.logs import setup_logging
 from sidecar.probe import probe as run_probe
-from sidecar.sources import source_for
+from sidecar.sources import CredentialSource, Loaded, source_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,7 +134,8 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
         try:
             source = source_for(route, i)
             click.echo(f"  credentials:  {source.description}")
-            identity = source.load()
+            loaded = asyncio.run(_load_once(source))
+            identity = loaded.identity
             client_ssl_context(identity, ca_file=route.tls.ca_file)
         except SidecarError as exc:
             click.echo(f"  ERROR:        {exc}")
@@ -211,6 +212,15 @@ def healthcheck(url: str, timeout: float) -> None:
     if status != 200:
         _fail(f"{url}: not ready (HTTP {status})", EXIT_RUNTIME)
     click.echo(f"{url}: ready")
+
+
+async def _load_once(source: CredentialSource) -> Loaded:
+    try:
+        loaded = await source.load()
+    finally:
+        await source.close()
+    assert loaded is not None  # a first load always has a result
+    return loaded
 
 
 def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:

@@ -20,6 +20,8 @@ class SidecarError(Exception):
     """Base class: a message for the user and an optional hint to fix it."""
 
     exit_code = 2
+    #: True when trying again later may succeed (a service that is down, a 5xx)
+    transient = False
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)

@@ -13,7 +13,7 @@ import aiohttp
 
 from sidecar.config import RouteConfig
 from sidecar.identity import ClientIdentity, client_ssl_context
-from sidecar.proxy import COMPANY_ID_HEADER
+from sidecar.upstream import COMPANY_ID_HEADER
 from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
 
 

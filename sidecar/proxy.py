@@ -3,18 +3,24 @@
 For each request on a route's listener:
 
 1. refuse what must not be forwarded (CONNECT, absolute-form targets for
-   other hosts, a missing inbound token, no valid identity);
-2. build the upstream request: raw path behind the upstream's prefix, the
-   query plus the route's parameters, filtered headers plus the route's;
+   other hosts, a missing inbound token, no valid identity, a malformed
+   target or header);
+2. build the upstream request from the current `Generation`'s `Target`: raw
+   path behind the upstream's prefix, the query plus the route's parameters,
+   filtered headers plus the route's;
 3. stream the request body up and the response body down, in bounded chunks,
    with back-pressure from both sockets;
 4. answer failures before the response started with the JSON error of
    DESIGN.md; after it started, cut the client connection so a truncated body
    can never look complete.
+
+Every outcome goes through `_finish`, which writes the access line and the
+metrics, so no path forgets either.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -31,7 +37,8 @@ from yarl import URL
 
 from sidecar.config import RouteConfig
 from sidecar.logs import access_logger, redact_query
-from sidecar.upstream import UpstreamClient
+from sidecar.metrics import RouteStats
+from sidecar.upstream import REQUEST_ID_HEADER, TOKEN_HEADER, Target, UpstreamClient
 from sidecar.upstream_errors import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
@@ -44,9 +51,6 @@ from sidecar.upstream_errors import (
 
 log = logging.getLogger("sidecar.proxy")
 
-COMPANY_ID_HEADER = "successfactors-companyid"
-TOKEN_HEADER = "X-Sidecar-Token"
-REQUEST_ID_HEADER = "X-Request-ID"
 CHUNK = 256 * 1024
 
 HOP_BY_HOP = frozenset(
@@ -93,62 +97,45 @@ def merge_query(query_string: str, extra: dict[str, str]) -> str:
     return "&".join(p for p in (query_string, *added) if p)
 
 
-@dataclass(frozen=True)
-class _Target:
-    url: URL
+class _Refused(Exception):
+    """A request the sidecar answers itself, before anything goes upstream."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.hint = code, message, hint
+
+
+@dataclass
+class _Exchange:
+    """One request on its way through: what the access line and metrics need."""
+
+    request: web.BaseRequest
     request_id: str
+    started: float
+    upstream_time: float | None = None
+    bytes_out: int = 0
 
 
 class RouteProxy:
-    """The aiohttp handler of one route; per-route work is done once, here."""
+    """The aiohttp handler of one route."""
 
     def __init__(
         self,
         route: RouteConfig,
         client: UpstreamClient,
+        stats: RouteStats,
         *,
         token: str | None,
         query_values: bool = False,
         unavailable: Callable[[], str | None] = lambda: None,
     ) -> None:
-        assert route.upstream is not None
         self.route = route
         self.client = client
-        self.upstream = route.upstream
+        self.stats = stats
         self._token = token.encode() if token else None
         self._unavailable = unavailable
         self._query_values = query_values
-        set_headers = dict(route.headers)
-        if route.company_id:
-            set_headers[COMPANY_ID_HEADER] = route.company_id
-        self._set_headers = tuple(set_headers.items())
-        # The client's values of headers the route sets are replaced, not merged.
-        self._drop = frozenset(
-            {"host", "expect", TOKEN_HEADER.lower(), REQUEST_ID_HEADER.lower(), *set_headers}
-        )
         self._server_hostname = route.tls.server_name
-
-    # ---------------------------------------------------------------- checks
-
-    def _refusal(self, request: web.BaseRequest) -> web.Response | None:
-        if request.method == "CONNECT":
-            return error_response(
-                FORBIDDEN_TARGET, "CONNECT tunnels are not served: the sidecar is not an open proxy"
-            )
-        url = request.url if _absolute_form(request) else None
-        if url is not None and not self._is_upstream_host(url):
-            return error_response(
-                FORBIDDEN_TARGET,
-                f"{url.host} is not this route's upstream ({self.upstream.host}); the sidecar "
-                "is not an open proxy",
-            )
-        return self.check_token(request)
-
-    def _is_upstream_host(self, url: URL) -> bool:
-        host = (url.host or "").lower()
-        if host != self.upstream.host:
-            return False
-        return url.explicit_port is None or url.port in (self.upstream.port, 80, 443)
 
     def check_token(self, request: web.BaseRequest) -> web.Response | None:
         """401 unless the inbound token (when one is configured) was sent."""
@@ -163,106 +150,98 @@ class RouteProxy:
     # ---------------------------------------------------------------- handler
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         if not _REQUEST_ID.match(request_id):
             request_id = uuid.uuid4().hex
-        refusal = self._refusal(request)
-        if refusal is not None:
-            refusal.headers[REQUEST_ID_HEADER] = request_id
-            return self._logged(request, refusal, started, request_id)
-        generation = self.client.current
-        reason = self._unavailable()
-        if generation is None or reason is not None:
-            return self._logged(
-                request,
-                error_response(
-                    CREDENTIALS_UNAVAILABLE,
-                    f"route {self.route.name}: {reason or 'no valid client certificate'}",
-                    request_id=request_id,
-                ),
-                started,
-                request_id,
-            )
+        ex = _Exchange(request, request_id, self.stats.started())
         try:
-            target = self._target(request, request_id)
-        except ValueError as exc:
-            return self._logged(
-                request,
-                error_response(
-                    BAD_REQUEST, f"cannot forward this target: {exc}", request_id=request_id
-                ),
-                started,
-                request_id,
-            )
-        bad = _undecodable_header(request.headers)
-        if bad is not None:
-            return self._logged(
-                request,
-                error_response(
-                    BAD_REQUEST,
-                    f"the value of header {bad} is not valid UTF-8; it cannot be forwarded "
-                    "unchanged",
-                    "send header values as ASCII or UTF-8",
-                    request_id=request_id,
-                ),
-                started,
-                request_id,
-            )
+            return await self._forward(ex)
+        except asyncio.CancelledError:
+            # The client went away (or shutdown gave up): count it as nginx's 499.
+            self.stats.finished(request.method, 499, ex.started)
+            raise
+
+    async def _forward(self, ex: _Exchange) -> web.StreamResponse:
+        request = ex.request
+        try:
+            session, target, url = self._prepare(request)
+        except _Refused as refused:
+            return self._finish(ex, self._answer(ex, refused.code, refused.message, refused.hint))
         if request.headers.get("Expect", "").lower() == "100-continue":
             # Checks passed: invite the body (a refusal above is answered without it).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        headers = filter_headers(request.headers, self._drop)
-        headers.extend(self._set_headers)
-        headers[REQUEST_ID_HEADER] = request_id
-        data = request.content if request.body_exists else None
+        headers = filter_headers(request.headers, target.drop)
+        headers.extend(target.set_headers)
+        headers[REQUEST_ID_HEADER] = ex.request_id
         try:
-            upstream_cm = generation.session.request(
+            upstream_cm = session.request(
                 request.method,
-                target.url,
+                url,
                 headers=headers,
-                data=data,
+                data=request.content if request.body_exists else None,
                 allow_redirects=False,
                 server_hostname=self._server_hostname,
             )
             upstream = await upstream_cm.__aenter__()
         except Exception as exc:  # the one table decides; unknown ones propagate
-            fail = classify(exc, upstream=str(self.upstream))
-            return self._failed(request, fail, started, request_id)
-        upstream_time = time.perf_counter() - started
+            return self._finish(ex, self._failed(ex, classify(exc, upstream=str(target.upstream))))
+        ex.upstream_time = time.perf_counter() - ex.started
         try:
-            return await self._relay(request, upstream, started, upstream_time, request_id)
+            response = await self._relay(ex, upstream, target)
         finally:
             await upstream_cm.__aexit__(None, None, None)
+        return self._finish(ex, response)
 
-    def _target(self, request: web.BaseRequest, request_id: str) -> _Target:
-        raw_path = request.raw_path
-        if _absolute_form(request):
-            raw_path = request.url.raw_path_qs
-        path, _, query = raw_path.partition("?")
+    def _prepare(self, request: web.BaseRequest) -> tuple[aiohttp.ClientSession, Target, URL]:
+        """Refuse what must not go upstream; else the session, target and URL to use."""
+        if request.method == "CONNECT":
+            raise _Refused(
+                FORBIDDEN_TARGET, "CONNECT tunnels are not served: the sidecar is not an open proxy"
+            )
+        if self.check_token(request) is not None:
+            raise _Refused(INBOUND_AUTH_REQUIRED, f"missing or wrong {TOKEN_HEADER} header")
+        generation = self.client.current
+        reason = self._unavailable()
+        if generation is None or reason is not None:
+            raise _Refused(
+                CREDENTIALS_UNAVAILABLE,
+                f"route {self.route.name}: {reason or 'no valid client certificate'}",
+            )
+        target = generation.target
+        absolute = _absolute_form(request)
+        if absolute and not _same_host(request.url, target):
+            raise _Refused(
+                FORBIDDEN_TARGET,
+                f"{request.url.host} is not this route's upstream ({target.upstream.host}); "
+                "the sidecar is not an open proxy",
+            )
+        raw = request.url.raw_path_qs if absolute else request.raw_path
+        path, _, query = raw.partition("?")
         if not path.startswith("/"):
-            raise ValueError("the request target must start with '/'")
-        query = merge_query(query, dict(self.route.query))
+            raise _Refused(BAD_REQUEST, f"cannot forward the request target {raw[:100]!r}")
+        bad = _undecodable_header(request.headers)
+        if bad is not None:
+            raise _Refused(
+                BAD_REQUEST,
+                f"the value of header {bad} is not valid UTF-8; it cannot be forwarded unchanged",
+                "send header values as ASCII or UTF-8",
+            )
         url = URL.build(
             scheme="https",
-            host=self.upstream.host,
-            port=self.upstream.port,
-            path=self.upstream.path_prefix + path,
-            query_string=query,
+            host=target.upstream.host,
+            port=target.upstream.port,
+            path=target.upstream.path_prefix + path,
+            query_string=merge_query(query, target.query),
             encoded=True,
         )
-        return _Target(url, request_id)
+        return generation.session, target, url
 
     async def _relay(
-        self,
-        request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
-        started: float,
-        upstream_time: float,
-        request_id: str,
+        self, ex: _Exchange, upstream: aiohttp.ClientResponse, target: Target
     ) -> web.StreamResponse:
+        request = ex.request
         headers = filter_headers(upstream.headers, ())
-        headers[REQUEST_ID_HEADER] = request_id
+        headers[REQUEST_ID_HEADER] = ex.request_id
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
@@ -273,76 +252,67 @@ class RouteProxy:
                 "login name",
                 request.method,
                 request.path,
-                self.route.company_id or "not set",
-                extra={"route": self.route.name, "request_id": request_id},
+                dict(target.set_headers).get("successfactors-companyid", "not set"),
+                extra={"route": self.route.name, "request_id": ex.request_id},
             )
         await response.prepare(request)
-        sent = 0
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
                 await response.write(chunk)
-                sent += len(chunk)
+                ex.bytes_out += len(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            fail = classify(exc, upstream=str(self.upstream))
+            fail = classify(exc, upstream=str(target.upstream))
+            self.stats.upstream_error(fail.kind, fail.message)
             log.error(
                 "upstream failed mid-response after %d bytes: %s; the client connection is "
                 "closed so the truncated body cannot look complete",
-                sent,
+                ex.bytes_out,
                 fail.message,
-                extra={"route": self.route.name, "request_id": request_id},
+                extra={"route": self.route.name, "request_id": ex.request_id},
             )
             if request.transport is not None:
                 request.transport.close()
-            self._access(request, upstream.status, sent, started, upstream_time, request_id)
             return response
         await response.write_eof()
-        self._access(request, upstream.status, sent, started, upstream_time, request_id)
         return response
 
     # ---------------------------------------------------------------- outcomes
 
-    def _failed(
-        self, request: web.BaseRequest, fail: Failure, started: float, request_id: str
-    ) -> web.StreamResponse:
-        log.warning(
-            "%s %s failed: %s",
-            request.method,
-            request.path,
-            fail.message,
-            extra={"route": self.route.name, "code": fail.code, "request_id": request_id},
-        )
-        response = error_response(fail.code, fail.message, fail.hint, request_id=request_id)
-        return self._logged(request, response, started, request_id)
-
-    def _logged(
-        self, request: web.BaseRequest, response: web.Response, started: float, request_id: str
+    def _answer(
+        self, ex: _Exchange, code: str, message: str, hint: str | None = None
     ) -> web.Response:
-        self._access(request, response.status, len(response.body or b""), started, None, request_id)  # type: ignore[arg-type]
+        response = error_response(code, message, hint, request_id=ex.request_id)
+        ex.bytes_out = len(response.body)  # type: ignore[arg-type]
         return response
 
-    def _access(
-        self,
-        request: web.BaseRequest,
-        status: int,
-        bytes_out: int,
-        started: float,
-        upstream_time: float | None,
-        request_id: str,
-    ) -> None:
+    def _failed(self, ex: _Exchange, fail: Failure) -> web.Response:
+        self.stats.upstream_error(fail.kind, fail.message)
+        log.warning(
+            "%s %s failed: %s",
+            ex.request.method,
+            ex.request.path,
+            fail.message,
+            extra={"route": self.route.name, "code": fail.code, "request_id": ex.request_id},
+        )
+        return self._answer(ex, fail.code, fail.message, fail.hint)
+
+    def _finish(self, ex: _Exchange, response: web.StreamResponse) -> web.StreamResponse:
+        request = ex.request
+        self.stats.finished(request.method, response.status, ex.started)
         if access_logger.disabled or not access_logger.isEnabledFor(logging.INFO):
-            return
+            return response
         query = redact_query(request.query_string, keep_values=self._query_values)
         path = request.path + (f"?{query}" if query else "")
         fields = {
             "route": self.route.name,
             "method": request.method,
             "path": path,
-            "status": status,
+            "status": response.status,
             "bytes_in": request.content.total_bytes,
-            "bytes_out": bytes_out,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            "upstream_ms": None if upstream_time is None else round(upstream_time * 1000, 2),
-            "request_id": request_id,
+            "bytes_out": ex.bytes_out,
+            "duration_ms": round((time.perf_counter() - ex.started) * 1000, 2),
+            "upstream_ms": None if ex.upstream_time is None else round(ex.upstream_time * 1000, 2),
+            "request_id": ex.request_id,
         }
         access_logger.info(
             "%(route)s %(method)s %(path)s %(status)d in=%(bytes_in)d out=%(bytes_out)d "
@@ -350,6 +320,13 @@ class RouteProxy:
             fields,
             extra=fields,
         )
+        return response
+
+
+def _same_host(url: URL, target: Target) -> bool:
+    if (url.host or "").lower() != target.upstream.host:
+        return False
+    return url.explicit_port is None or url.port in (target.upstream.port, 80, 443)
 
 
 def _undecodable_header(headers: CIMultiDictProxy[str]) -> str | None:

@@ -1,11 +1,17 @@
-"""Running the sidecar: listeners, credential reloads, signals and shutdown.
+"""Running the sidecar: listeners, credential refresh, signals and shutdown.
 
-`Sidecar` turns a validated `Config` into one aiohttp server per route.
+`Sidecar` turns a validated `Config` into one listener per route.
 ``start()`` does everything that can fail for the user's reasons (reading
-credentials, the inbound token, binding ports) and raises `SidecarError`
-for them, so ``run`` exits 2 before serving anything. Afterwards, file
-credentials are re-read when the files change or on SIGHUP; a failed reload
-keeps the last good identity.
+file credentials, a destination that does not exist, the inbound token,
+binding ports) and raises `SidecarError` for them, so ``run`` exits 2 before
+serving anything. A Destination Service that is merely unreachable at start
+is not such a reason: the route serves 503 ``credentials_unavailable`` and
+retries with capped, jittered exponential backoff.
+
+Afterwards each route keeps its credentials fresh in a background task:
+files are looked at every 2 s (and at once on SIGHUP), destinations are
+re-fetched every ``refresh``. A new identity is validated, then swapped in
+atomically (sidecar.upstream); a failed reload keeps the last good one.
 """
 
 from __future__ import annotations
@@ -15,24 +21,30 @@ import datetime as dt
 import functools
 import logging
 import os
+import random
 import signal
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
+from sidecar import __version__
 from sidecar.admin import Admin, readiness
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.listener import start_listener
+from sidecar.metrics import RouteStats, SidecarMetrics
 from sidecar.proxy import RouteProxy
-from sidecar.sources import FileSource, source_for
+from sidecar.sources import CredentialSource, Loaded, source_for
 from sidecar.tasks import TaskGroup
-from sidecar.upstream import UpstreamClient
+from sidecar.upstream import UpstreamClient, route_target
 
 log = logging.getLogger("sidecar")
 
-WATCH_INTERVAL = 2.0  # seconds between checks of credential files
+BACKOFF_START = 1.0
+BACKOFF_CAP = 30.0
+EXPIRY_WARNING_EVERY = 86400.0
 
 
 @dataclass
@@ -41,32 +53,62 @@ class RouteRuntime:
 
     index: int
     route: RouteConfig
-    source: FileSource
+    source: CredentialSource
     client: UpstreamClient
+    stats: RouteStats
     proxy: RouteProxy | None = None
     last_error: str | None = None
-    reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
+    retry_soon: bool = False  # the last failure was transient: back off, then retry
     site: web.TCPSite | None = None
+    _last_expiry_warning: float = 0.0
 
-    def reload(self) -> bool:
-        """Read the credentials again; keep the old identity when that fails."""
-        try:
-            identity = self.source.load()
-        except SidecarError as exc:
-            self.last_error = str(exc)
-            self.reloads["failure"] += 1
-            log.error("route %s: reloading credentials failed, keeping the last good "
-                      "certificate: %s", self.route.name, exc)  # fmt: skip
-            return False
-        self.client.install(identity)
+    @property
+    def where(self) -> str:
+        return f"routes[{self.index}]"
+
+    def apply(self, loaded: Loaded, *, quiet: bool = False) -> None:
+        """Validate the target, then swap the new identity in."""
+        target = route_target(self.route, loaded, self.where)
+        self.client.install(loaded.identity, target)
         self.last_error = None
-        self.reloads["success"] += 1
-        for w in identity.warnings:
+        self.retry_soon = False
+        leaf = loaded.identity.leaf
+        self.stats.reloaded(True, None, leaf.not_valid_after_utc)
+        if not quiet:
+            log.info("route %s: client certificate loaded: %s (expires %s)", self.route.name,
+                     leaf.subject.rfc4514_string(), leaf.not_valid_after_utc.date())  # fmt: skip
+        self._last_expiry_warning = 0.0
+        self.warn_expiry(loaded.identity.warnings)
+
+    def warn_expiry(self, warnings: tuple[str, ...] = ()) -> None:
+        """Warnings at load; the expiry warning again at most once a day."""
+        now = time.monotonic()
+        if self._last_expiry_warning and now - self._last_expiry_warning < EXPIRY_WARNING_EVERY:
+            return
+        generation = self.client.current
+        if generation is None:
+            return
+        for w in warnings or generation.identity.warnings:
             log.warning("route %s: %s", self.route.name, w)
-        log.info("route %s: client certificate loaded: %s (expires %s)", self.route.name,
-                 identity.leaf.subject.rfc4514_string(),
-                 identity.leaf.not_valid_after_utc.date())  # fmt: skip
-        return True
+        self._last_expiry_warning = now
+
+    def failed(self, exc: SidecarError) -> None:
+        self.last_error = str(exc)
+        self.retry_soon = exc.transient
+        self.stats.reloaded(False, str(exc), None)
+        keeping = "keeping the last good certificate" if self.client.current else "not ready"
+        log.error("route %s: loading credentials failed (%s): %s", self.route.name, keeping, exc)
+
+    async def reload(self) -> bool:
+        """Load again now; True when a new identity is in place."""
+        try:
+            loaded = await self.source.load()
+            if loaded is not None:
+                self.apply(loaded)
+            return True
+        except SidecarError as exc:
+            self.failed(exc)
+            return False
 
 
 class Sidecar:
@@ -76,36 +118,51 @@ class Sidecar:
         self.config = config
         self.env = os.environ if env is None else env
         self.tasks = TaskGroup()
+        self.metrics = SidecarMetrics()
         self.routes: list[RouteRuntime] = []
+        self.started_at = time.time()
         self._runners: list[web.ServerRunner] = []
         self._stop = asyncio.Event()
+        self._reload_now = asyncio.Event()
         self._in_flight: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         """Load credentials, bind every listener; raise `SidecarError` on user errors."""
-        for i, route in enumerate(self.config.routes):
-            token = self._token(i, route)
-            source = source_for(route, i, self.env)
-            rt = RouteRuntime(i, route, source, UpstreamClient(route, self.tasks))
-            identity = source.load()  # permanent errors at start: exit 2
-            for w in identity.warnings:
-                log.warning("route %s: %s", route.name, w)
-            rt.client.install(identity)
-            rt.proxy = RouteProxy(
-                route,
-                rt.client,
-                token=token,
-                query_values=self.config.log.query_values,
-                unavailable=functools.partial(readiness, rt),
-            )
-            self.routes.append(rt)
         try:
+            for i, route in enumerate(self.config.routes):
+                await self._prepare_route(i, route)
             for rt in self.routes:
                 await self._serve(rt)
         except BaseException:
             await self.close()
             raise
-        self.tasks.create(self._watch_files(), name="watch-credential-files")
+        for rt in self.routes:
+            self.tasks.create(self._keep_fresh(rt), name=f"refresh-{rt.route.name}")
+
+    async def _prepare_route(self, index: int, route: RouteConfig) -> None:
+        token = self._token(index, route)
+        source = source_for(route, index, self.env)
+        stats = self.metrics.route(route.name)
+        rt = RouteRuntime(index, route, source, UpstreamClient(route, self.tasks), stats)
+        self.routes.append(rt)
+        stats.track_connections(rt.client.open_connections)
+        try:
+            loaded = await source.load()
+        except SidecarError as exc:
+            if not exc.transient:
+                raise  # permanent at start: `run` exits 2
+            rt.failed(exc)  # serve 503 and retry in the background
+        else:
+            assert loaded is not None
+            rt.apply(loaded, quiet=True)  # start() logs it once the listener is up
+        rt.proxy = RouteProxy(
+            route,
+            rt.client,
+            stats,
+            token=token,
+            query_values=self.config.log.query_values,
+            unavailable=functools.partial(readiness, rt),
+        )
 
     def _token(self, index: int, route: RouteConfig) -> str | None:
         name = route.inbound.token_env
@@ -121,9 +178,9 @@ class Sidecar:
         return token
 
     async def _serve(self, rt: RouteRuntime) -> None:
-        admin = Admin(self.config.admin_prefix, rt)
         proxy = rt.proxy
         assert proxy is not None
+        admin = Admin(self, rt, proxy)
 
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
             if admin.matches(request.path):
@@ -151,8 +208,17 @@ class Sidecar:
             ) from None
         self._runners.append(runner)
         rt.site = site
-        log.info("route %s: listening on http://%s, forwarding to %s", rt.route.name,
-                 self.bound_address(rt), rt.route.upstream)  # fmt: skip
+        generation = rt.client.current
+        log.info(
+            "route %s: listening on http://%s, forwarding to %s with %s",
+            rt.route.name,
+            self.bound_address(rt),
+            generation.target.upstream if generation else "the destination's URL",
+            f"client certificate {generation.identity.leaf.subject.rfc4514_string()} (expires "
+            f"{generation.identity.leaf.not_valid_after_utc.date()})"
+            if generation
+            else f"no client certificate yet ({rt.last_error})",
+        )
 
     def bound_address(self, rt: RouteRuntime) -> str:
         """HOST:PORT actually bound (port 0 in the config picks a free one)."""
@@ -162,20 +228,36 @@ class Sidecar:
             return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return str(rt.route.listen)
 
-    async def _watch_files(self) -> None:
-        seen = {rt.index: rt.source.fingerprint() for rt in self.routes}
+    async def _keep_fresh(self, rt: RouteRuntime) -> None:
+        """Poll the source; back off (capped, jittered) while it fails transiently."""
+        delay = BACKOFF_START
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            for rt in self.routes:
-                now = rt.source.fingerprint()
-                if now != seen[rt.index]:
-                    seen[rt.index] = now
-                    log.info("route %s: credential files changed, reloading", rt.route.name)
-                    rt.reload()
+            waiting = rt.source.poll_interval
+            if rt.client.current is None or rt.retry_soon:
+                waiting = min(delay, BACKOFF_CAP) * random.uniform(0.5, 1.0)
+                delay = min(delay * 2, BACKOFF_CAP)
+            try:
+                await asyncio.wait_for(self._reload_now.wait(), timeout=waiting)
+                forced = True
+            except TimeoutError:
+                forced = False
+            if forced or rt.client.current is None or rt.retry_soon or await rt.source.changed():
+                if await rt.reload():
+                    delay = BACKOFF_START
+            rt.warn_expiry()
 
     def reload_all(self) -> None:
-        for rt in self.routes:
-            rt.reload()
+        """SIGHUP: every route looks at its source at once."""
+        log.info("SIGHUP: reloading credentials")
+        self._reload_now.set()
+        asyncio.get_running_loop().call_soon(self._reload_now.clear)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "routes": [route_status(rt) for rt in self.routes],
+        }
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -199,6 +281,44 @@ class Sidecar:
         await self.tasks.close()
         for rt in self.routes:
             await rt.client.close()
+            await rt.source.close()
+
+
+def route_status(rt: RouteRuntime) -> dict[str, object]:
+    """One route's entry in ``/-/status``: public facts and counters, never a secret."""
+    from sidecar.certinfo import identity_summary
+
+    generation = rt.client.current
+    entry: dict[str, object] = {
+        "name": rt.route.name,
+        "listen": str(rt.route.listen),
+        "upstream": str(generation.target.upstream) if generation else rt.route.upstream,
+        "company_id": dict(generation.target.set_headers).get("successfactors-companyid")
+        if generation
+        else rt.route.company_id,
+        "credential_source": rt.source.description,
+        "ready": readiness(rt) is None,
+        "not_ready_reason": readiness(rt),
+    }
+    if generation is not None:
+        summary = identity_summary(generation.identity)
+        entry.update(
+            subject=summary["subject"],
+            issuer=summary["issuer"],
+            not_after=summary["not_after"],
+            days_left=summary["days_left"],
+            sha256=summary["sha256"],
+            loaded_at=generation.loaded_at.isoformat(timespec="seconds"),
+        )
+    s = rt.stats
+    entry["last_refresh"] = s.last_reload or None
+    entry["counters"] = {"requests": s.requests, "upstream_errors": s.upstream_errors}
+    entry["last_upstream_error"] = (
+        {"at": s.last_upstream_error.at, "message": s.last_upstream_error.message}
+        if s.last_upstream_error
+        else None
+    )
+    return entry
 
 
 async def run(config: Config, *, on_ready: asyncio.Event | None = None) -> None:

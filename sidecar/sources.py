@@ -1,31 +1,55 @@
-"""Where a route's client identity comes from.
+"""Where a route's client identity comes from, and when to look again.
 
-A `CredentialSource` yields the current `ClientIdentity` of a route. Files
-(PEM or PKCS#12) are read here; the SAP BTP Destination Service is the other
-implementation (sidecar.destination).
+A `CredentialSource` yields `Loaded` credentials: the client identity, plus
+what a source may say about the target (the Destination Service supplies the
+URL, headers and query parameters). Two implementations: `FileSource` (PEM or
+PKCS#12 files, re-read when they change) and the Destination Service source
+in sidecar.destination_source.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from sidecar.config import CredentialsConfig, RouteConfig
+from sidecar.config import CredentialsConfig, RouteConfig, UpstreamURL
 from sidecar.errors import CredentialError
 from sidecar.identity import Bundle, ClientIdentity, read_bundle, read_password
 
+FILE_POLL_INTERVAL = 2.0  # seconds between looks at credential files
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a source produced: an identity and, optionally, target details."""
+
+    identity: ClientIdentity
+    upstream: UpstreamURL | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
+
 
 class CredentialSource(Protocol):
-    """Something that can produce a route's client identity."""
+    """Something that can produce a route's client identity, again and again."""
 
     description: str
+    poll_interval: float  # seconds between `changed()` checks
 
-    def load(self) -> ClientIdentity:
-        """Read the identity now; raise a `SidecarError` when it cannot be used."""
+    async def changed(self) -> bool:
+        """Whether `load()` may produce something new (cheap)."""
         ...
+
+    async def load(self) -> Loaded | None:
+        """Fetch and validate now; None when the source says nothing changed.
+
+        Raises `SidecarError` when the credentials cannot be used.
+        """
+        ...
+
+    async def close(self) -> None: ...
 
 
 def read_file_bundle(
@@ -43,7 +67,13 @@ def read_file_bundle(
 
 
 class FileSource:
-    """PEM or PKCS#12 files; `fingerprint` tells when they changed on disk."""
+    """PEM or PKCS#12 files; a change of inode, size or mtime means "read again".
+
+    `Path.stat` follows symlinks, so the Kubernetes secret volume's swap of
+    its ``..data`` link shows up as a new inode.
+    """
+
+    poll_interval = FILE_POLL_INTERVAL
 
     def __init__(
         self, creds: CredentialsConfig, *, where: str, env: Mapping[str, str] | None = None
@@ -51,15 +81,24 @@ class FileSource:
         self.creds = creds
         self.where = where
         self.env = os.environ if env is None else env
-        main = creds.pem or creds.pkcs12
-        self.description = f"{creds.kind} {main}"
+        self.description = f"{creds.kind} {creds.pem or creds.pkcs12}"
+        self._seen = self.fingerprint()
 
-    def load(self, now: dt.datetime | None = None) -> ClientIdentity:
+    def load_now(self) -> ClientIdentity:
         bundle = read_file_bundle(self.creds, where=self.where, env=self.env)
-        return bundle.identity(now=now, warn_before=self.creds.warn_before)
+        return bundle.identity(warn_before=self.creds.warn_before)
+
+    async def load(self) -> Loaded:
+        self._seen = self.fingerprint()
+        return Loaded(self.load_now())
+
+    async def changed(self) -> bool:
+        return self.fingerprint() != self._seen
+
+    async def close(self) -> None:
+        return None
 
     def fingerprint(self) -> tuple[tuple[str, float, int, int], ...]:
-        """Stat data of every file involved, to notice replaced or edited files."""
         out = []
         for p in self.creds.files:
             try:
@@ -70,7 +109,9 @@ class FileSource:
         return tuple(out)
 
 
-def source_for(route: RouteConfig, index: int, env: Mapping[str, str] | None = None) -> FileSource:
+def source_for(
+    route: RouteConfig, index: int, env: Mapping[str, str] | None = None
+) -> CredentialSource:
     """The credential source a route's config describes."""
     where = f"routes[{index}].credentials"
     if route.credentials.destination is not None:

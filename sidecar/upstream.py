@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from sidecar.config import RouteConfig
+from sidecar.config import RouteConfig, UpstreamURL
+from sidecar.errors import ConfigError
 from sidecar.identity import ClientIdentity, client_ssl_context
+from sidecar.sources import Loaded
 from sidecar.tasks import TaskGroup
 
 log = logging.getLogger("sidecar.upstream")
@@ -25,11 +27,45 @@ POOL_LIMIT = 100  # open upstream connections per route at most
 KEEPALIVE = 30.0  # seconds an idle upstream connection is kept
 
 
+COMPANY_ID_HEADER = "successfactors-companyid"
+TOKEN_HEADER = "X-Sidecar-Token"
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to forward, computed once per identity (not per request)."""
+
+    upstream: UpstreamURL
+    set_headers: tuple[tuple[str, str], ...]
+    drop: frozenset[str]  # client headers not forwarded (replaced or ours)
+    query: dict[str, str]
+
+
+def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Target:
+    """Merge the route's config with what the source said; the config wins."""
+    upstream = route.upstream or loaded.upstream
+    if upstream is None:
+        raise ConfigError(f"{where}.upstream: no upstream URL configured or supplied")
+    headers = {k.lower(): v for k, v in loaded.headers.items()}
+    headers.update(route.headers)
+    if route.company_id:
+        headers[COMPANY_ID_HEADER] = route.company_id
+    drop = {"host", "expect", TOKEN_HEADER.lower(), REQUEST_ID_HEADER.lower(), *headers}
+    return Target(
+        upstream=upstream,
+        set_headers=tuple(headers.items()),
+        drop=frozenset(drop),
+        query={**loaded.query, **route.query},
+    )
+
+
 @dataclass(frozen=True)
 class Generation:
-    """One identity and the session that presents it."""
+    """One identity, where it sends requests, and the session that presents it."""
 
     identity: ClientIdentity
+    target: Target
     session: aiohttp.ClientSession
     loaded_at: dt.datetime
 
@@ -43,7 +79,7 @@ class UpstreamClient:
         self.current: Generation | None = None
         self._retiring: set[aiohttp.ClientSession] = set()
 
-    def install(self, identity: ClientIdentity) -> Generation:
+    def install(self, identity: ClientIdentity, target: Target) -> Generation:
         """Start presenting ``identity``; the previous session retires gracefully."""
         ctx = client_ssl_context(identity, ca_file=self.route.tls.ca_file)
         connector = aiohttp.TCPConnector(
@@ -66,7 +102,10 @@ class UpstreamClient:
             ),
             raise_for_status=False,
         )
-        old, self.current = self.current, Generation(identity, session, dt.datetime.now(dt.UTC))
+        old, self.current = (
+            self.current,
+            Generation(identity, target, session, dt.datetime.now(dt.UTC)),
+        )
         if old is not None:
             self._retire(old.session)
         return self.current
@@ -93,6 +132,20 @@ class UpstreamClient:
         self.current = None
         for s in sessions:
             await s.close()
+
+    def open_connections(self) -> int:
+        """Upstream connections open now, idle or busy, across live sessions."""
+        sessions = list(self._retiring)
+        if self.current is not None:
+            sessions.append(self.current.session)
+        total = 0
+        for s in sessions:
+            c = s.connector
+            if c is not None:
+                total += len(getattr(c, "_acquired", ())) + sum(
+                    len(v) for v in getattr(c, "_conns", {}).values()
+                )
+        return total
 
 
 def _busy(connector: aiohttp.BaseConnector) -> bool:

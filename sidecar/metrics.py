@@ -1,0 +1,123 @@
+"""Prometheus metrics and the per-route counters ``/-/status`` shows.
+
+Each `Sidecar` owns one `CollectorRegistry` (not the global one), so several
+sidecars in one process (the tests) never mix their numbers. Label values are
+bounded: methods outside the standard set count as ``OTHER``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "MERGE"})
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class SidecarMetrics:
+    """All metric families of one sidecar process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests", "Requests answered, by route, method and status code",
+            ["route", "method", "code"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "sidecar_request_duration_seconds", "Time from request to end of response",
+            ["route"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "sidecar_upstream_errors", "Failures talking to the upstream, by kind",
+            ["route", "kind"], registry=r,
+        )  # fmt: skip
+        self.not_after = Gauge(
+            "sidecar_client_cert_not_after_seconds",
+            "Expiry of the loaded client certificate (Unix time)", ["route"], registry=r,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "sidecar_credential_reloads", "Credential loads, by result",
+            ["route", "result"], registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "sidecar_requests_in_flight", "Requests being forwarded now", ["route"], registry=r
+        )
+        self.upstream_connections = Gauge(
+            "sidecar_upstream_connections", "Open upstream connections (idle and busy)",
+            ["route"], registry=r,
+        )  # fmt: skip
+
+    def route(self, name: str) -> RouteStats:
+        return RouteStats(name, self)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class LastEvent:
+    at: str
+    message: str
+
+
+@dataclass
+class RouteStats:
+    """What one route records; Prometheus families plus plain numbers for status."""
+
+    name: str
+    metrics: SidecarMetrics
+    requests: int = 0
+    upstream_errors: int = 0
+    last_upstream_error: LastEvent | None = None
+    last_reload: dict[str, str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        m = self.metrics
+        self._in_flight = m.in_flight.labels(self.name)
+        self._duration_child = m.duration.labels(self.name)
+        for result in ("success", "failure"):
+            m.reloads.labels(self.name, result)  # show zeroes from the start
+
+    def started(self) -> float:
+        self._in_flight.inc()
+        return time.perf_counter()
+
+    def finished(self, method: str, status: int, started: float) -> None:
+        self._in_flight.dec()
+        self.requests += 1
+        method = method if method in _METHODS else "OTHER"
+        self.metrics.requests.labels(self.name, method, str(status)).inc()
+        self._duration_child.observe(time.perf_counter() - started)
+
+    def upstream_error(self, kind: str, message: str) -> None:
+        self.upstream_errors += 1
+        self.last_upstream_error = LastEvent(_now(), message)
+        self.metrics.upstream_errors.labels(self.name, kind).inc()
+
+    def reloaded(self, ok: bool, message: str | None, not_after: dt.datetime | None) -> None:
+        self.metrics.reloads.labels(self.name, "success" if ok else "failure").inc()
+        self.last_reload = {"at": _now(), "result": "success" if ok else "failure",
+                            "error": message}  # fmt: skip
+        if ok and not_after is not None:
+            self.metrics.not_after.labels(self.name).set(not_after.timestamp())
+
+    def track_connections(self, count: Callable[[], int]) -> None:
+        self.metrics.upstream_connections.labels(self.name).set_function(count)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
