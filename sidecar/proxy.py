@@ -38,15 +38,25 @@ from yarl import URL
 from sidecar.config import RouteConfig
 from sidecar.logs import access_logger, redact_query
 from sidecar.metrics import RouteStats
+from sidecar.rewrite import (
+    BodyDecodeError,
+    BodyRewriter,
+    decodable_accept_encoding,
+    local_origin,
+    rewritten_headers,
+    should_rewrite,
+)
 from sidecar.upstream import REQUEST_ID_HEADER, TOKEN_HEADER, Target, UpstreamClient
 from sidecar.upstream_errors import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
+    UPSTREAM_CONNECT_FAILED,
     Failure,
     classify,
     error_response,
+    failure,
 )
 
 log = logging.getLogger("sidecar.proxy")
@@ -172,6 +182,11 @@ class RouteProxy:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         headers = filter_headers(request.headers, target.drop)
         headers.extend(target.set_headers)
+        if target.rewrite_bases and "Accept-Encoding" in headers:
+            # Ask only for encodings the rewriter can decode (Postman also offers br).
+            accept = decodable_accept_encoding(headers["Accept-Encoding"])
+            if accept is not None:
+                headers["Accept-Encoding"] = accept
         headers[REQUEST_ID_HEADER] = ex.request_id
         try:
             upstream_cm = session.request(
@@ -241,6 +256,9 @@ class RouteProxy:
     ) -> web.StreamResponse:
         request = ex.request
         headers = filter_headers(upstream.headers, ())
+        body: BodyRewriter | None = None
+        if target.rewrite_bases:
+            body, headers = self._rewriting(request, upstream, target, headers)
         headers[REQUEST_ID_HEADER] = ex.request_id
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
@@ -258,10 +276,20 @@ class RouteProxy:
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
+                if body is not None:
+                    chunk = body.feed(chunk)
                 await response.write(chunk)
                 ex.bytes_out += len(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            fail = classify(exc, upstream=str(target.upstream))
+            if body is not None:
+                tail = body.flush()
+                await response.write(tail)
+                ex.bytes_out += len(tail)
+        except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
+            fail = (
+                failure(UPSTREAM_CONNECT_FAILED, f"undecodable response body: {exc}", "protocol")
+                if isinstance(exc, BodyDecodeError)
+                else classify(exc, upstream=str(target.upstream))
+            )
             self.stats.upstream_error(fail.kind, fail.message)
             log.error(
                 "upstream failed mid-response after %d bytes: %s; the client connection is "
@@ -275,6 +303,33 @@ class RouteProxy:
             return response
         await response.write_eof()
         return response
+
+    def _rewriting(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        target: Target,
+        headers: CIMultiDict[str],
+    ) -> tuple[BodyRewriter | None, CIMultiDict[str]]:
+        """The body rewriter (if this response needs one) and the rewritten headers."""
+        try:
+            origin = local_origin(request.host)
+        except ValueError:
+            return None, headers  # no usable Host: nothing to point links at
+        body = None
+        if (
+            request.method != "HEAD"
+            and upstream.status not in (204, 206, 304)
+            and should_rewrite(headers.get("Content-Type"), headers.get("Content-Encoding"))
+        ):
+            body = BodyRewriter(target.rewrite_bases, origin, headers.get("Content-Encoding"))
+        rewritten = rewritten_headers(
+            headers.items(),
+            bases=target.rewrite_bases,
+            local_origin=origin,
+            body_rewritten=body is not None,
+        )
+        return body, CIMultiDict(rewritten)
 
     # ---------------------------------------------------------------- outcomes
 

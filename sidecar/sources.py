@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Protocol
 
 from sidecar.config import CredentialsConfig, RouteConfig, UpstreamURL
-from sidecar.errors import CredentialError
 from sidecar.identity import Bundle, ClientIdentity, read_bundle, read_password
 
 FILE_POLL_INTERVAL = 2.0  # seconds between looks at credential files
@@ -115,9 +114,7 @@ def source_for(
     """The credential source a route's config describes."""
     where = f"routes[{index}].credentials"
     if route.credentials.destination is not None:
-        raise CredentialError(
-            f"{where}.destination: credentials from the SAP BTP Destination Service are not "
-            "available in this version",
-            hint="export the bundle from BTP and use credentials.pem or credentials.pkcs12",
-        )
+        from sidecar.destination_source import DestinationSource  # imports aiohttp client
+
+        return DestinationSource(route.credentials, where=where, env=env)
     return FileSource(route.credentials, where=where, env=env)

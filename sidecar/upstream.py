@@ -18,6 +18,7 @@ import aiohttp
 from sidecar.config import RouteConfig, UpstreamURL
 from sidecar.errors import ConfigError
 from sidecar.identity import ClientIdentity, client_ssl_context
+from sidecar.rewrite import upstream_bases
 from sidecar.sources import Loaded
 from sidecar.tasks import TaskGroup
 
@@ -40,6 +41,7 @@ class Target:
     set_headers: tuple[tuple[str, str], ...]
     drop: frozenset[str]  # client headers not forwarded (replaced or ours)
     query: dict[str, str]
+    rewrite_bases: tuple[bytes, ...]  # upstream URLs to rewrite; empty: rewriting is off
 
 
 def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Target:
@@ -57,6 +59,7 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
         set_headers=tuple(headers.items()),
         drop=frozenset(drop),
         query={**loaded.query, **route.query},
+        rewrite_bases=upstream_bases(upstream, route.rewrite_hosts) if route.rewrite_links else (),
     )
 
 

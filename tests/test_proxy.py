@@ -428,7 +428,7 @@ async def test_every_set_cookie_header_reaches_the_client(serve, client):
 
 
 async def test_no_headers_are_added_that_the_client_did_not_send(serve, client):
-    s = await serve(company_id=None)
+    s = await serve(company_id=None, rewrite_links=False)
     got = await echo(client, "GET", f"{s.url}/h")
     names = {k.lower() for k, _ in got["headers"]}
     assert names <= {"host", "x-request-id", "connection"}, got["headers"]
@@ -438,6 +438,12 @@ async def test_no_headers_are_added_that_the_client_did_not_send(serve, client):
     )
     assert header_values(got, "User-Agent") == ["curl/8.5"]
     assert header_values(got, "Accept-Encoding") == ["br"]
+
+
+async def test_rewriting_asks_only_for_encodings_it_can_decode(serve, client):
+    s = await serve()  # rewrite_links is on by default
+    got = await echo(client, "GET", f"{s.url}/h", headers={"Accept-Encoding": "gzip, deflate, br"})
+    assert header_values(got, "Accept-Encoding") == ["gzip, deflate"]
 
 
 async def test_a_header_value_that_is_not_utf8_is_not_altered_silently(serve):
