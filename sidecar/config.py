@@ -93,6 +93,18 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Protection of a listener against clients that send too much or too slowly."""
+
+    max_connections: int = 1000  # more wait (unread) until a slot frees
+    max_header_size: int = 16384  # bytes of the request line and of each header line
+    max_headers: int = 100
+    header_timeout: float = 10.0  # a request head must arrive within this (slowloris)
+    idle_timeout: float = 75.0  # keep-alive connections idle longer are closed
+    max_body: int | None = None  # bytes; larger request bodies get 413
+
+
+@dataclass(frozen=True)
 class InboundConfig:
     allow_remote: bool = False
     token_env: str | None = None
@@ -151,6 +163,7 @@ class RouteConfig:
     rewrite_hosts: tuple[str, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     inbound: InboundConfig = field(default_factory=InboundConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 @dataclass(frozen=True)
@@ -226,6 +239,23 @@ def parse_duration(text: str | int | float) -> float:
             f"{text!r} is not a duration; use a number of seconds or 500ms, 10s, 15m, 1h, 30d"
         )
     return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_FACTORS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
+                 "gb": 1000**3, "gib": 1024**3}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """``16384``, ``64KiB``, ``100MB``, ``1GiB``: a number of bytes."""
+    if isinstance(text, bool) or isinstance(text, float):
+        raise ValueError("expected a whole number of bytes, e.g. 100MB or 64KiB")
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size; use bytes or 64KiB, 100MB, 1GiB")
+    return int(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "b").lower()]
 
 
 def parse_listen(text: str) -> ListenAddress:
@@ -523,7 +553,7 @@ class _Reader:
     def route(self, path: str, v: _Value) -> RouteConfig:
         keys = (
             "name", "listen", "upstream", "company_id", "headers", "query", "credentials",
-            "tls", "rewrite_links", "rewrite_hosts", "timeouts", "inbound",
+            "tls", "rewrite_links", "rewrite_hosts", "timeouts", "inbound", "limits",
         )  # fmt: skip
         m = self.mapping(path, v, keys)
         if v.value is None:
@@ -572,6 +602,7 @@ class _Reader:
             rewrite_links=self.boolean(f"{path}.rewrite_links", m.get("rewrite_links"), True),
             rewrite_hosts=self.str_list(f"{path}.rewrite_hosts", m.get("rewrite_hosts")),
             timeouts=self.timeouts(f"{path}.timeouts", m.get("timeouts")),
+            limits=self.limits(f"{path}.limits", m.get("limits")),
             inbound=inbound,
         )
 
@@ -635,6 +666,46 @@ class _Reader:
             read=self.duration(f"{path}.read", m.get("read"), 300.0, minimum=0.001),
             shutdown=self.duration(f"{path}.shutdown", m.get("shutdown"), 10.0),
         )
+
+    def limits(self, path: str, v: _Value | None) -> LimitsConfig:
+        keys = (
+            "max_connections", "max_header_size", "max_headers", "header_timeout",
+            "idle_timeout", "max_body",
+        )  # fmt: skip
+        m = self.mapping(path, v, keys)
+        d = LimitsConfig()
+        return LimitsConfig(
+            max_connections=self.count(
+                f"{path}.max_connections", m.get("max_connections"), d.max_connections, 1
+            ),  # fmt: skip
+            max_header_size=self.size(
+                f"{path}.max_header_size", m.get("max_header_size"), d.max_header_size, 1024
+            ),  # fmt: skip
+            max_headers=self.count(f"{path}.max_headers", m.get("max_headers"), d.max_headers, 8),
+            header_timeout=self.duration(
+                f"{path}.header_timeout", m.get("header_timeout"), d.header_timeout, minimum=0.1
+            ),  # fmt: skip
+            idle_timeout=self.duration(
+                f"{path}.idle_timeout", m.get("idle_timeout"), d.idle_timeout, minimum=0.1
+            ),  # fmt: skip
+            max_body=self.size(f"{path}.max_body", m.get("max_body"), None, 1),
+        )
+
+    def count(self, path: str, v: _Value | None, default: int, minimum: int) -> int:
+        number = self.convert(path, v, int, numbers=True)
+        if number is None:
+            return default
+        if number < minimum:
+            raise self.fail(path, v, f"must be at least {minimum}")
+        return number
+
+    def size(self, path: str, v: _Value | None, default: T, minimum: int) -> int | T:
+        number = self.convert(path, v, parse_size, numbers=True)
+        if number is None:
+            return default
+        if number < minimum:
+            raise self.fail(path, v, f"must be at least {minimum} bytes")
+        return number
 
     def inbound(self, path: str, v: _Value | None) -> InboundConfig:
         m = self.mapping(path, v, ("allow_remote", "token_env"))

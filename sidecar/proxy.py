@@ -26,8 +26,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import aiohttp
@@ -52,6 +53,7 @@ from sidecar.upstream_errors import (
     CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
+    REQUEST_TOO_LARGE,
     UPSTREAM_CONNECT_FAILED,
     Failure,
     classify,
@@ -146,6 +148,7 @@ class RouteProxy:
         self._unavailable = unavailable
         self._query_values = query_values
         self._server_hostname = route.tls.server_name
+        self._max_body = route.limits.max_body
 
     def check_token(self, request: web.BaseRequest) -> web.Response | None:
         """401 unless the inbound token (when one is configured) was sent."""
@@ -188,17 +191,29 @@ class RouteProxy:
             if accept is not None:
                 headers["Accept-Encoding"] = accept
         headers[REQUEST_ID_HEADER] = ex.request_id
+        data: Any = None
+        if request.body_exists:
+            data = request.content
+            if self._max_body is not None:
+                data = _limited(request.content, self._max_body)
         try:
             upstream_cm = session.request(
                 request.method,
                 url,
                 headers=headers,
-                data=request.content if request.body_exists else None,
+                data=data,
                 allow_redirects=False,
                 server_hostname=self._server_hostname,
             )
             upstream = await upstream_cm.__aenter__()
         except Exception as exc:  # the one table decides; unknown ones propagate
+            if _body_too_large(exc):
+                message = (
+                    f"the request body is larger than limits.max_body ({self._max_body} bytes)"
+                )
+                refusal = self._answer(ex, REQUEST_TOO_LARGE, message)
+                refusal.force_close()  # the rest of the body is not read
+                return self._finish(ex, refusal)
             return self._finish(ex, self._failed(ex, classify(exc, upstream=str(target.upstream))))
         ex.upstream_time = time.perf_counter() - ex.started
         try:
@@ -234,6 +249,12 @@ class RouteProxy:
         path, _, query = raw.partition("?")
         if not path.startswith("/"):
             raise _Refused(BAD_REQUEST, f"cannot forward the request target {raw[:100]!r}")
+        if self._max_body is not None and (request.content_length or 0) > self._max_body:
+            raise _Refused(
+                REQUEST_TOO_LARGE,
+                f"the request body ({request.content_length} bytes) is larger than "
+                f"limits.max_body ({self._max_body} bytes)",
+            )
         bad = _undecodable_header(request.headers)
         if bad is not None:
             raise _Refused(
@@ -376,6 +397,28 @@ class RouteProxy:
             extra=fields,
         )
         return response
+
+
+class _BodyTooLarge(Exception):
+    """A streamed request body passed limits.max_body."""
+
+
+async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in content.iter_any():
+        seen += len(chunk)
+        if seen > limit:
+            raise _BodyTooLarge
+        yield chunk
+
+
+def _body_too_large(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, _BodyTooLarge):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _same_host(url: URL, target: Target) -> bool:

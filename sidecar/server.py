@@ -198,6 +198,7 @@ class Sidecar:
                 handler,
                 rt.route.listen.host,
                 rt.route.listen.port,
+                limits=rt.route.limits,
                 shutdown_timeout=rt.route.timeouts.shutdown,
             )
         except OSError as exc:

@@ -25,6 +25,7 @@ FORBIDDEN_TARGET = "forbidden_target"
 INBOUND_AUTH_REQUIRED = "inbound_auth_required"
 BAD_REQUEST = "bad_request"
 INTERNAL_ERROR = "internal_error"  # a bug in the sidecar; never expected
+REQUEST_TOO_LARGE = "request_too_large"  # routes[].limits.max_body
 
 #: status and default hint of every code the sidecar answers itself
 ERROR_CODES: dict[str, tuple[int, str]] = {
@@ -59,6 +60,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     INBOUND_AUTH_REQUIRED: (401, "send the configured token in the X-Sidecar-Token header"),
     BAD_REQUEST: (400, "fix the request's syntax"),
     INTERNAL_ERROR: (500, "please report this with the sidecar's log lines"),
+    REQUEST_TOO_LARGE: (413, "send a smaller body, or raise limits.max_body"),
 }
 
 # OpenSSL reasons of TLS alerts a server sends when it does not accept the
