@@ -64,6 +64,7 @@ from sidecar.upstream_errors import (
 log = logging.getLogger("sidecar.proxy")
 
 CHUNK = 256 * 1024
+REWRITE_CHUNK = 16 * 1024  # at most ~16 MiB once inflated
 
 HOP_BY_HOP = frozenset(
     {
@@ -295,8 +296,10 @@ class RouteProxy:
                 extra={"route": self.route.name, "request_id": ex.request_id},
             )
         await response.prepare(request)
+        # A compressed piece can inflate ~1000-fold: small pieces bound that memory.
+        piece = REWRITE_CHUNK if body is not None else CHUNK
         try:
-            async for chunk in upstream.content.iter_chunked(CHUNK):
+            async for chunk in upstream.content.iter_chunked(piece):
                 if body is not None:
                     chunk = body.feed(chunk)
                 await response.write(chunk)
