@@ -132,6 +132,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
         click.echo(f"  upstream:     {route.upstream or '(from the destination)'}")
         click.echo(f"  company id:   {route.company_id or '(none)'}")
         try:
+            server.inbound_token(i, route, os.environ)
             source = source_for(route, i)
             click.echo(f"  credentials:  {source.description}")
             loaded = asyncio.run(_load_once(source))
@@ -229,7 +230,7 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
         import uvloop
     except ImportError:
         return asyncio.run
-    return uvloop.run  # type: ignore[no-any-return]
+    return uvloop.run  # type: ignore[no-any-return, unused-ignore]
 
 
 @main.command()

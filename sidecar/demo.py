@@ -29,7 +29,7 @@ from sidecar.config import (
 )
 from sidecar.fakesf import fake_successfactors_app
 from sidecar.pki import DemoPKI, write_demo_pki
-from sidecar.server import Sidecar
+from sidecar.server import Sidecar, bound_port
 
 DEMO_COMPANY_ID = "DEMO1234"
 
@@ -60,9 +60,7 @@ async def fake_successfactors(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki))
     await site.start()
-    server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
-    assert server is not None and isinstance(server, asyncio.Server)
-    port = server.sockets[0].getsockname()[1]
+    port = bound_port(site)
     try:
         yield FakeUpstream(url=f"https://localhost:{port}", port=port, pki=pki)
     finally:

@@ -140,7 +140,7 @@ class Sidecar:
             self.tasks.create(self._keep_fresh(rt), name=f"refresh-{rt.route.name}")
 
     async def _prepare_route(self, index: int, route: RouteConfig) -> None:
-        token = self._token(index, route)
+        token = inbound_token(index, route, self.env)
         source = source_for(route, index, self.env)
         stats = self.metrics.route(route.name)
         rt = RouteRuntime(index, route, source, UpstreamClient(route, self.tasks), stats)
@@ -163,19 +163,6 @@ class Sidecar:
             query_values=self.config.log.query_values,
             unavailable=functools.partial(readiness, rt),
         )
-
-    def _token(self, index: int, route: RouteConfig) -> str | None:
-        name = route.inbound.token_env
-        if name is None:
-            return None
-        token = self.env.get(name, "")
-        if len(token) < 16:
-            raise ConfigError(
-                f"routes[{index}].inbound.token_env: environment variable {name} is "
-                + ("not set" if not token else "shorter than 16 characters"),
-                hint=f"export {name}=$(openssl rand -hex 32)",
-            )
-        return token
 
     async def _serve(self, rt: RouteRuntime) -> None:
         proxy = rt.proxy
@@ -223,11 +210,9 @@ class Sidecar:
 
     def bound_address(self, rt: RouteRuntime) -> str:
         """HOST:PORT actually bound (port 0 in the config picks a free one)."""
-        server = rt.site._server if rt.site is not None else None  # noqa: SLF001
-        if isinstance(server, asyncio.Server) and server.sockets:
-            host, port = server.sockets[0].getsockname()[:2]
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return str(rt.route.listen)
+        host = rt.route.listen.host
+        port = bound_port(rt.site) if rt.site is not None else rt.route.listen.port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def _keep_fresh(self, rt: RouteRuntime) -> None:
         """Poll the source; back off (capped, jittered) while it fails transiently."""
@@ -283,6 +268,27 @@ class Sidecar:
         for rt in self.routes:
             await rt.client.close()
             await rt.source.close()
+
+
+def inbound_token(index: int, route: RouteConfig, env: Mapping[str, str]) -> str | None:
+    """The route's inbound token from its environment variable, if it has one."""
+    name = route.inbound.token_env
+    if name is None:
+        return None
+    token = env.get(name, "")
+    if len(token) < 16:
+        raise ConfigError(
+            f"routes[{index}].inbound.token_env: environment variable {name} is "
+            + ("not set" if not token else "shorter than 16 characters"),
+            hint=f"export {name}=$(openssl rand -hex 32)",
+        )
+    return token
+
+
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started site listens on (asyncio's and uvloop's servers alike)."""
+    sockets = getattr(site._server, "sockets", None) or ()  # noqa: SLF001
+    return int(sockets[0].getsockname()[1]) if sockets else site._port  # noqa: SLF001
 
 
 def route_status(rt: RouteRuntime) -> dict[str, object]:
