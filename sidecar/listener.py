@@ -104,11 +104,13 @@ class _Protocol(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; the connection is cut")
         if status < 500:
-            log.debug("refused a malformed request: %s", exc or message)
+            # Only the class: the parser's text quotes header lines, which may hold secrets.
+            log.debug("refused a malformed request (%s)", type(exc).__name__ if exc else status)
             response = error_response(BAD_REQUEST, f"malformed request: {message or exc}")
         else:
             log.error("internal error while handling %s %s: %s: %s", request.method,
-                      request.path, type(exc).__name__, exc, exc_info=exc)  # fmt: skip
+                      request.raw_path.partition("?")[0], type(exc).__name__, exc,
+                      exc_info=exc)  # fmt: skip
             response = error_response(
                 INTERNAL_ERROR, "the sidecar failed to handle this request; see its log"
             )

@@ -19,6 +19,7 @@ from sidecar.config import LogConfig
 logger = logging.getLogger("sidecar")
 access_logger = logging.getLogger("sidecar.access")
 
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -60,7 +61,9 @@ class TextFormatter(logging.Formatter):
         line = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
         if record.exc_info and record.exc_info[1] is not None:
             line += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
-        return f"{line} {extras}" if extras else line
+        line = f"{line} {extras}" if extras else line
+        # One record, one line: control characters from requests cannot forge log lines.
+        return line.translate(_ESCAPES) if not line.isprintable() else line
 
 
 def setup_logging(config: LogConfig, *, level: str | None = None, fmt: str | None = None) -> None:

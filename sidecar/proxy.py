@@ -14,7 +14,7 @@ For each request on a route's listener:
    DESIGN.md; after it started, cut the client connection so a truncated body
    can never look complete.
 
-Every outcome goes through `_finish`, which writes the access line and the
+Every outcome goes through `_record`, which writes the access line and the
 metrics, so no path forgets either.
 """
 
@@ -171,8 +171,8 @@ class RouteProxy:
         try:
             return await self._forward(ex)
         except asyncio.CancelledError:
-            # The client went away (or shutdown gave up): count it as nginx's 499.
-            self.stats.finished(request.method, 499, ex.started)
+            # The client went away (or shutdown gave up): logged and counted as nginx's 499.
+            self._record(ex, 499)
             raise
 
     async def _forward(self, ex: _Exchange) -> web.StreamResponse:
@@ -291,7 +291,7 @@ class RouteProxy:
                 "X.509 certificate mapping in SuccessFactors Security Center names the right "
                 "login name",
                 request.method,
-                request.path,
+                _log_path(request),
                 dict(target.set_headers).get("successfactors-companyid", "not set"),
                 extra={"route": self.route.name, "request_id": ex.request_id},
             )
@@ -369,24 +369,30 @@ class RouteProxy:
         log.warning(
             "%s %s failed: %s",
             ex.request.method,
-            ex.request.path,
+            _log_path(ex.request),
             fail.message,
             extra={"route": self.route.name, "code": fail.code, "request_id": ex.request_id},
         )
         return self._answer(ex, fail.code, fail.message, fail.hint)
 
     def _finish(self, ex: _Exchange, response: web.StreamResponse) -> web.StreamResponse:
+        self._record(ex, response.status)
+        return response
+
+    def _record(self, ex: _Exchange, status: int) -> None:
+        """The metrics and the access line of one request, whatever its outcome."""
         request = ex.request
-        self.stats.finished(request.method, response.status, ex.started)
+        self.stats.finished(request.method, status, ex.started)
         if access_logger.disabled or not access_logger.isEnabledFor(logging.INFO):
-            return response
+            return
         query = redact_query(request.query_string, keep_values=self._query_values)
-        path = request.path + (f"?{query}" if query else "")
+        # The raw (still percent-encoded) path: a decoded %0A must not split the line.
+        path = request.raw_path.partition("?")[0] + (f"?{query}" if query else "")
         fields = {
             "route": self.route.name,
             "method": request.method,
             "path": path,
-            "status": response.status,
+            "status": status,
             "bytes_in": request.content.total_bytes,
             "bytes_out": ex.bytes_out,
             "duration_ms": round((time.perf_counter() - ex.started) * 1000, 2),
@@ -399,7 +405,6 @@ class RouteProxy:
             fields,
             extra=fields,
         )
-        return response
 
 
 class _BodyTooLarge(Exception):
@@ -422,6 +427,11 @@ def _body_too_large(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _log_path(request: web.BaseRequest) -> str:
+    """The path as sent, still percent-encoded, without the query (it may hold personal data)."""
+    return request.raw_path.partition("?")[0]
 
 
 def _same_host(url: URL, target: Target) -> bool:
