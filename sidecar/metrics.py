@@ -88,6 +88,7 @@ class RouteStats:
     def __post_init__(self) -> None:
         m = self.metrics
         self._in_flight = m.in_flight.labels(self.name)
+        self._counters: dict[tuple[str, int], Counter] = {}
         self._duration_child = m.duration.labels(self.name)
         for result in ("success", "failure"):
             m.reloads.labels(self.name, result)  # show zeroes from the start
@@ -99,8 +100,13 @@ class RouteStats:
     def finished(self, method: str, status: int, started: float) -> None:
         self._in_flight.dec()
         self.requests += 1
-        method = method if method in _METHODS else "OTHER"
-        self.metrics.requests.labels(self.name, method, str(status)).inc()
+        key = (method if method in _METHODS else "OTHER", status)
+        counter = self._counters.get(key)
+        if counter is None:  # label lookups cost more than the increment: once per pair
+            counter = self._counters[key] = self.metrics.requests.labels(
+                self.name, key[0], str(status)
+            )
+        counter.inc()
         self._duration_child.observe(time.perf_counter() - started)
 
     def upstream_error(self, kind: str, message: str) -> None:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -47,7 +48,13 @@ from sidecar.rewrite import (
     rewritten_headers,
     should_rewrite,
 )
-from sidecar.upstream import REQUEST_ID_HEADER, TOKEN_HEADER, Target, UpstreamClient
+from sidecar.upstream import (
+    HOP_BY_HOP,
+    REQUEST_ID_HEADER,
+    TOKEN_HEADER,
+    Target,
+    UpstreamClient,
+)
 from sidecar.upstream_errors import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
@@ -65,21 +72,12 @@ log = logging.getLogger("sidecar.proxy")
 
 CHUNK = 256 * 1024
 REWRITE_CHUNK = 16 * 1024  # at most ~16 MiB once inflated
+SMALL_BODY = 64 * 1024  # bodies up to this size (known length) are sent in one write
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+# Generated request ids: unique per process start, cheaper than uuid4 per request.
+_ID_PREFIX = os.urandom(8).hex() + "-"
+_ID_COUNTER = itertools.count(1)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -91,14 +89,23 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     }
 
 
-def filter_headers(headers: CIMultiDictProxy[str], drop: Iterable[str]) -> CIMultiDict[str]:
-    """Copy ``headers`` without hop-by-hop ones, those Connection names, and ``drop``."""
-    banned = HOP_BY_HOP | _connection_tokens(headers) | set(drop)
-    return CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in banned and not name.lower().startswith("proxy-")
-    )
+def filter_headers(headers: CIMultiDictProxy[str], drop: Collection[str]) -> CIMultiDict[str]:
+    """Copy ``headers`` without hop-by-hop ones, those Connection names, and ``drop``.
+
+    This runs twice per request, so it allocates as little as it can.
+    """
+    named = _connection_tokens(headers) if "Connection" in headers else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if (
+            lower not in HOP_BY_HOP
+            and lower not in drop
+            and lower not in named
+            and not lower.startswith("proxy-")
+        ):
+            out.add(name, value)
+    return out
 
 
 def merge_query(query_string: str, extra: dict[str, str]) -> str:
@@ -166,7 +173,7 @@ class RouteProxy:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         if not _REQUEST_ID.match(request_id):
-            request_id = uuid.uuid4().hex
+            request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         ex = _Exchange(request, request_id, self.stats.started())
         try:
             return await self._forward(ex)
@@ -282,9 +289,6 @@ class RouteProxy:
         if target.rewrite_bases:
             body, headers = self._rewriting(request, upstream, target, headers)
         headers[REQUEST_ID_HEADER] = ex.request_id
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
         if upstream.status == 401:
             log.warning(
                 "upstream answered 401 for %s %s: check the company id (%s) and that the "
@@ -295,6 +299,17 @@ class RouteProxy:
                 dict(target.set_headers).get("successfactors-companyid", "not set"),
                 extra={"route": self.route.name, "request_id": ex.request_id},
             )
+        length = upstream.content_length
+        if (
+            length is not None
+            and length <= SMALL_BODY
+            and request.method != "HEAD"
+            and upstream.status not in (204, 304)
+        ):
+            return await self._relay_small(ex, upstream, target, headers, body)
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
         await response.prepare(request)
         # A compressed piece can inflate ~1000-fold: small pieces bound that memory.
         piece = REWRITE_CHUNK if body is not None else CHUNK
@@ -309,11 +324,7 @@ class RouteProxy:
                 await response.write(tail)
                 ex.bytes_out += len(tail)
         except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
-            fail = (
-                failure(UPSTREAM_CONNECT_FAILED, f"undecodable response body: {exc}", "protocol")
-                if isinstance(exc, BodyDecodeError)
-                else classify(exc, upstream=str(target.upstream))
-            )
+            fail = self._body_failure(exc, target)
             self.stats.upstream_error(fail.kind, fail.message)
             log.error(
                 "upstream failed mid-response after %d bytes: %s; the client connection is "
@@ -327,6 +338,36 @@ class RouteProxy:
             return response
         await response.write_eof()
         return response
+
+    async def _relay_small(
+        self,
+        ex: _Exchange,
+        upstream: aiohttp.ClientResponse,
+        target: Target,
+        headers: CIMultiDict[str],
+        body: BodyRewriter | None,
+    ) -> web.StreamResponse:
+        """A small body of known length: read it, then answer in one write.
+
+        Bounded (``SMALL_BODY``), and a failure while reading it can still be
+        answered with a proper error instead of a cut connection.
+        """
+        try:
+            data = await upstream.read()
+            if body is not None:
+                data = body.feed(data) + body.flush()
+        except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
+            return self._failed(ex, self._body_failure(exc, target))
+        headers.popall("Content-Length", None)  # set from the body we send
+        ex.bytes_out = len(data)
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=data
+        )
+
+    def _body_failure(self, exc: BaseException, target: Target) -> Failure:
+        if isinstance(exc, BodyDecodeError):
+            return failure(UPSTREAM_CONNECT_FAILED, f"undecodable response body: {exc}", "protocol")
+        return classify(exc, upstream=str(target.upstream))
 
     def _rewriting(
         self,

@@ -29,6 +29,19 @@ KEEPALIVE = 30.0  # seconds an idle upstream connection is kept
 
 
 COMPANY_ID_HEADER = "successfactors-companyid"
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 TOKEN_HEADER = "X-Sidecar-Token"
 REQUEST_ID_HEADER = "X-Request-ID"
 
