@@ -258,6 +258,15 @@ def parse_size(text: str | int) -> int:
     return int(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "b").lower()]
 
 
+def parse_count(value: str | int) -> int:
+    """A whole number, given as a YAML integer or as text."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
 def parse_listen(text: str) -> ListenAddress:
     """``HOST:PORT``, ``[v6]:PORT`` or a bare ``PORT`` (on 127.0.0.1)."""
     text = text.strip()
@@ -337,8 +346,16 @@ def _yaml_tree(text: str, filename: str) -> _Value:
         loader.dispose()
 
 
-def _convert(loader: yaml.SafeLoader, node: yaml.Node, filename: str) -> _Value:
+def _convert(
+    loader: yaml.SafeLoader, node: yaml.Node, filename: str, seen: tuple[int, ...] = ()
+) -> _Value:
     where = f"{filename}:{node.start_mark.line + 1}"
+    if id(node) in seen:
+        raise ConfigError(
+            f"{where}: an alias refers to the mapping or list that contains it",
+            hint="YAML anchors (&a) may be reused with *a, but not inside themselves",
+        )
+    seen = (*seen, id(node))
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict[str, _Value] = {}
@@ -353,14 +370,14 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, filename: str) -> _Value:
                     f"{filename}:{key_node.start_mark.line + 1}: key {key!r} appears twice",
                     hint="remove one of them",
                 )
-            value = _convert(loader, value_node, filename)
+            value = _convert(loader, value_node, filename, seen)
             # A block mapping or list starts on the line after its key; errors about the
             # value name the key, so they point at the key's line.
             value.where = f"{filename}:{key_node.start_mark.line + 1}"
             out[key] = value
         return _Value(out, where)
     if isinstance(node, yaml.SequenceNode):
-        return _Value([_convert(loader, n, filename) for n in node.value], where)
+        return _Value([_convert(loader, n, filename, seen) for n in node.value], where)
     return _Value(loader.construct_object(node, deep=True), where)
 
 
@@ -692,7 +709,7 @@ class _Reader:
         )
 
     def count(self, path: str, v: _Value | None, default: int, minimum: int) -> int:
-        number = self.convert(path, v, int, numbers=True)
+        number = self.convert(path, v, parse_count, numbers=True)
         if number is None:
             return default
         if number < minimum:

@@ -60,6 +60,7 @@ from sidecar.upstream_errors import (
     CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
+    REQUEST_TIMEOUT,
     REQUEST_TOO_LARGE,
     UPSTREAM_CONNECT_FAILED,
     Failure,
@@ -75,6 +76,7 @@ REWRITE_CHUNK = 16 * 1024  # at most ~16 MiB once inflated
 SMALL_BODY = 64 * 1024  # bodies up to this size (known length) are sent in one write
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
 # Generated request ids: unique per process start, cheaper than uuid4 per request.
 _ID_PREFIX = os.urandom(8).hex() + "-"
 _ID_COUNTER = itertools.count(1)
@@ -201,9 +203,7 @@ class RouteProxy:
         headers[REQUEST_ID_HEADER] = ex.request_id
         data: Any = None
         if request.body_exists:
-            data = request.content
-            if self._max_body is not None:
-                data = _limited(request.content, self._max_body)
+            data = _request_body(request.content, self._max_body, self.route.timeouts.read)
         try:
             upstream_cm = session.request(
                 request.method,
@@ -215,11 +215,9 @@ class RouteProxy:
             )
             upstream = await upstream_cm.__aenter__()
         except Exception as exc:  # the one table decides; unknown ones propagate
-            if _body_too_large(exc):
-                message = (
-                    f"the request body is larger than limits.max_body ({self._max_body} bytes)"
-                )
-                refusal = self._answer(ex, REQUEST_TOO_LARGE, message)
+            body_error = _client_body_error(exc)
+            if body_error is not None:
+                refusal = self._answer(ex, body_error.code, body_error.message)
                 refusal.force_close()  # the rest of the body is not read
                 return self._finish(ex, refusal)
             return self._finish(ex, self._failed(ex, classify(exc, upstream=str(target.upstream))))
@@ -255,8 +253,13 @@ class RouteProxy:
             )
         raw = request.url.raw_path_qs if absolute else request.raw_path
         path, _, query = raw.partition("?")
-        if not path.startswith("/"):
+        if not path.startswith("/") or "#" in path or "\\" in path:
+            # Not an origin-form target (RFC 9112 3.2): a fragment or a backslash is
+            # read differently by different servers, so it is refused, not forwarded.
             raise _Refused(BAD_REQUEST, f"cannot forward the request target {raw[:100]!r}")
+        host = request.headers.get("Host")
+        if host is not None and not _HOST.match(host):
+            raise _Refused(BAD_REQUEST, f"the Host header {host[:100]!r} is not a valid host")
         if self._max_body is not None and (request.content_length or 0) > self._max_body:
             raise _Refused(
                 REQUEST_TOO_LARGE,
@@ -334,7 +337,8 @@ class RouteProxy:
                 extra={"route": self.route.name, "request_id": ex.request_id},
             )
             if request.transport is not None:
-                request.transport.close()
+                # Abort (RST), not close (FIN): a close-delimited body must not look complete.
+                request.transport.abort()
             return response
         await response.write_eof()
         return response
@@ -448,26 +452,45 @@ class RouteProxy:
         )
 
 
-class _BodyTooLarge(Exception):
-    """A streamed request body passed limits.max_body."""
+class _ClientBodyError(Exception):
+    """The client's request body broke a limit; answered with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
-async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+async def _request_body(
+    content: aiohttp.StreamReader, limit: int | None, stall: float
+) -> AsyncIterator[bytes]:
+    """The client's body, streamed; cut when it passes ``limit`` or stalls ``stall`` s."""
     seen = 0
-    async for chunk in content.iter_any():
+    while True:
+        try:
+            async with asyncio.timeout(stall):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise _ClientBodyError(
+                REQUEST_TIMEOUT, f"the request body stalled for {stall:g}s (timeouts.read)"
+            ) from None
+        if not chunk:
+            return
         seen += len(chunk)
-        if seen > limit:
-            raise _BodyTooLarge
+        if limit is not None and seen > limit:
+            raise _ClientBodyError(
+                REQUEST_TOO_LARGE,
+                f"the request body is larger than limits.max_body ({limit} bytes)",
+            )
         yield chunk
 
 
-def _body_too_large(exc: BaseException) -> bool:
+def _client_body_error(exc: BaseException) -> _ClientBodyError | None:
     current: BaseException | None = exc
     while current is not None:
-        if isinstance(current, _BodyTooLarge):
-            return True
+        if isinstance(current, _ClientBodyError):
+            return current
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
 def _log_path(request: web.BaseRequest) -> str:

@@ -26,6 +26,7 @@ INBOUND_AUTH_REQUIRED = "inbound_auth_required"
 BAD_REQUEST = "bad_request"
 INTERNAL_ERROR = "internal_error"  # a bug in the sidecar; never expected
 REQUEST_TOO_LARGE = "request_too_large"  # routes[].limits.max_body
+REQUEST_TIMEOUT = "request_timeout"  # a request body that stalls longer than timeouts.read
 
 #: status and default hint of every code the sidecar answers itself
 ERROR_CODES: dict[str, tuple[int, str]] = {
@@ -61,6 +62,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     BAD_REQUEST: (400, "fix the request's syntax"),
     INTERNAL_ERROR: (500, "please report this with the sidecar's log lines"),
     REQUEST_TOO_LARGE: (413, "send a smaller body, or raise limits.max_body"),
+    REQUEST_TIMEOUT: (408, "send the request body without pausing longer than timeouts.read"),
 }
 
 # OpenSSL reasons of TLS alerts a server sends when it does not accept the

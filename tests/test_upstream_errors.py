@@ -498,7 +498,11 @@ async def test_malformed_request_is_json_bad_request(
 def test_error_codes_are_designs_table() -> None:
     # DESIGN's table, plus the 500 a bug would produce and the 413 of limits.max_body.
     ours = {code: status for code, (status, _) in ERROR_CODES.items()}
-    assert ours == DESIGN_TABLE | {"internal_error": 500, "request_too_large": 413}
+    assert ours == DESIGN_TABLE | {
+        "internal_error": 500,
+        "request_too_large": 413,
+        "request_timeout": 408,
+    }
     assert all(hint for _, hint in ERROR_CODES.values())
 
 
