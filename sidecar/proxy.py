@@ -21,11 +21,14 @@ metrics, so no path forgets either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import logging
 import os
 import re
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -76,6 +79,7 @@ REWRITE_CHUNK = 16 * 1024  # at most ~16 MiB once inflated
 SMALL_BODY = 64 * 1024  # bodies up to this size (known length) are sent in one write
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+_VERSIONS = frozenset({HttpVersion(1, 0), HttpVersion(1, 1)})
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
 # Generated request ids: unique per process start, cheaper than uuid4 per request.
 _ID_PREFIX = os.urandom(8).hex() + "-"
@@ -230,6 +234,9 @@ class RouteProxy:
 
     def _prepare(self, request: web.BaseRequest) -> tuple[aiohttp.ClientSession, Target, URL]:
         """Refuse what must not go upstream; else the session, target and URL to use."""
+        if request.version not in _VERSIONS:
+            raise _Refused(BAD_REQUEST, f"HTTP/{request.version[0]}.{request.version[1]} is "
+                           "not served; send HTTP/1.1 (or 1.0)")  # fmt: skip
         if request.method == "CONNECT":
             raise _Refused(
                 FORBIDDEN_TARGET, "CONNECT tunnels are not served: the sidecar is not an open proxy"
@@ -336,9 +343,7 @@ class RouteProxy:
                 fail.message,
                 extra={"route": self.route.name, "request_id": ex.request_id},
             )
-            if request.transport is not None:
-                # Abort (RST), not close (FIN): a close-delimited body must not look complete.
-                request.transport.abort()
+            _reset(request)
             return response
         await response.write_eof()
         return response
@@ -491,6 +496,22 @@ def _client_body_error(exc: BaseException) -> _ClientBodyError | None:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def _reset(request: web.BaseRequest) -> None:
+    """Cut the client connection with a TCP reset, not a FIN.
+
+    After a failure mid-body, a close-delimited body (HTTP/1.0) ended by FIN would
+    look complete; a reset (SO_LINGER 0, then abort) cannot.
+    """
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _log_path(request: web.BaseRequest) -> str:
