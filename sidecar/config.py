@@ -384,6 +384,8 @@ def _convert(
 # ---------------------------------------------------------------------- validator
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
+D = TypeVar("D")
 
 
 class _Reader:
@@ -471,12 +473,24 @@ class _Reader:
         raise self.fail(path, v, f"expected true or false, got {v.value!r}")
 
     def duration(self, path: str, v: _Value | None, default: float, minimum: float = 0) -> float:
-        seconds = self.convert(path, v, parse_duration, numbers=True)
-        if seconds is None:
+        return self.bounded(path, v, parse_duration, default, minimum, "s")
+
+    def bounded(
+        self,
+        path: str,
+        v: _Value | None,
+        parse: Callable[[Any], N],
+        default: D,
+        minimum: N,
+        unit: str = "",
+    ) -> N | D:
+        """A number parsed by ``parse``, at least ``minimum``, or ``default`` when absent."""
+        value = self.convert(path, v, parse, numbers=True)
+        if value is None:
             return default
-        if seconds < minimum:
-            raise self.fail(path, v, f"must be at least {minimum:g}s")
-        return seconds
+        if value < minimum:
+            raise self.fail(path, v, f"must be at least {minimum:g}{unit}")
+        return value
 
     def choice(self, path: str, v: _Value | None, options: tuple[str, ...], default: str) -> str:
         text = self.string(path, v)
@@ -709,20 +723,10 @@ class _Reader:
         )
 
     def count(self, path: str, v: _Value | None, default: int, minimum: int) -> int:
-        number = self.convert(path, v, parse_count, numbers=True)
-        if number is None:
-            return default
-        if number < minimum:
-            raise self.fail(path, v, f"must be at least {minimum}")
-        return number
+        return self.bounded(path, v, parse_count, default, minimum)
 
-    def size(self, path: str, v: _Value | None, default: T, minimum: int) -> int | T:
-        number = self.convert(path, v, parse_size, numbers=True)
-        if number is None:
-            return default
-        if number < minimum:
-            raise self.fail(path, v, f"must be at least {minimum} bytes")
-        return number
+    def size(self, path: str, v: _Value | None, default: D, minimum: int) -> int | D:
+        return self.bounded(path, v, parse_size, default, minimum, " bytes")
 
     def inbound(self, path: str, v: _Value | None) -> InboundConfig:
         m = self.mapping(path, v, ("allow_remote", "token_env"))
