@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from sidecar.metrics import CONTENT_TYPE
+from sidecar.proxy import TOKEN_MISSING
+from sidecar.upstream_errors import INBOUND_AUTH_REQUIRED, error_response
 
 if TYPE_CHECKING:
     from sidecar.proxy import RouteProxy
@@ -59,9 +61,8 @@ class Admin:
                 {"status": "unavailable", "route": route, "reason": reason}, status=503
             )
         if name in ("status", "metrics"):
-            refusal = self.proxy.check_token(request)
-            if refusal is not None:
-                return refusal
+            if not self.proxy.token_ok(request):
+                return error_response(INBOUND_AUTH_REQUIRED, TOKEN_MISSING)
             if name == "status":
                 return web.json_response(self.sidecar.status())
             return web.Response(

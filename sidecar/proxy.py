@@ -79,6 +79,7 @@ REWRITE_CHUNK = 16 * 1024  # at most ~16 MiB once inflated
 SMALL_BODY = 64 * 1024  # bodies up to this size (known length) are sent in one write
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+TOKEN_MISSING = f"missing or wrong {TOKEN_HEADER} header"
 _VERSIONS = frozenset({HttpVersion(1, 0), HttpVersion(1, 1)})
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
 # Generated request ids: unique per process start, cheaper than uuid4 per request.
@@ -164,15 +165,13 @@ class RouteProxy:
         self._server_hostname = route.tls.server_name
         self._max_body = route.limits.max_body
 
-    def check_token(self, request: web.BaseRequest) -> web.Response | None:
-        """401 unless the inbound token (when one is configured) was sent."""
+    def token_ok(self, request: web.BaseRequest) -> bool:
+        """True unless a token is configured and the request lacks it (constant time)."""
         if self._token is None:
-            return None
+            return True
         # surrogateescape: a header with non-UTF-8 bytes is just a wrong token
         given = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape")
-        if hmac.compare_digest(given, self._token):
-            return None
-        return error_response(INBOUND_AUTH_REQUIRED, f"missing or wrong {TOKEN_HEADER} header")
+        return hmac.compare_digest(given, self._token)
 
     # ---------------------------------------------------------------- handler
 
@@ -241,8 +240,8 @@ class RouteProxy:
             raise _Refused(
                 FORBIDDEN_TARGET, "CONNECT tunnels are not served: the sidecar is not an open proxy"
             )
-        if self.check_token(request) is not None:
-            raise _Refused(INBOUND_AUTH_REQUIRED, f"missing or wrong {TOKEN_HEADER} header")
+        if not self.token_ok(request):
+            raise _Refused(INBOUND_AUTH_REQUIRED, TOKEN_MISSING)
         generation = self.client.current
         reason = self._unavailable()
         if generation is None or reason is not None:
