@@ -316,9 +316,7 @@ class RouteProxy:
             and upstream.status not in (204, 304)
         ):
             return await self._relay_small(ex, upstream, target, headers, body)
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
+        response = _RelayedStream(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         # A compressed piece can inflate ~1000-fold: small pieces bound that memory.
         piece = REWRITE_CHUNK if body is not None else CHUNK
@@ -368,9 +366,7 @@ class RouteProxy:
             return self._failed(ex, self._body_failure(exc, target))
         headers.popall("Content-Length", None)  # set from the body we send
         ex.bytes_out = len(data)
-        return web.Response(
-            status=upstream.status, reason=upstream.reason, headers=headers, body=data
-        )
+        return _Relayed(status=upstream.status, reason=upstream.reason, headers=headers, body=data)
 
     def _body_failure(self, exc: BaseException, target: Target) -> Failure:
         if isinstance(exc, BodyDecodeError):
@@ -454,6 +450,24 @@ class RouteProxy:
             fields,
             extra=fields,
         )
+
+
+class _RelayedStream(web.StreamResponse):
+    """A relayed answer: aiohttp invents no Content-Type or Server the upstream did not send.
+
+    (aiohttp fills both in while preparing the headers; `_prepare_headers` is
+    the one place to take them out again. aiohttp is pinned below 4.)
+    """
+
+    async def _prepare_headers(self) -> None:
+        invented = [n for n in ("Content-Type", "Server") if n not in self.headers]
+        await super()._prepare_headers()
+        for name in invented:
+            self.headers.popall(name, None)
+
+
+class _Relayed(_RelayedStream, web.Response):
+    """A small relayed answer, sent in one write."""
 
 
 class _ClientBodyError(Exception):
