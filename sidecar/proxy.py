@@ -320,6 +320,7 @@ class RouteProxy:
         await response.prepare(request)
         # A compressed piece can inflate ~1000-fold: small pieces bound that memory.
         piece = REWRITE_CHUNK if body is not None else CHUNK
+        closed = _close_watch(request, upstream)
         try:
             async for chunk in upstream.content.iter_chunked(piece):
                 if body is not None:
@@ -330,6 +331,9 @@ class RouteProxy:
                 tail = body.flush()
                 await response.write(tail)
                 ex.bytes_out += len(tail)
+            if closed is not None and closed.done() and _failed_future(closed):
+                # aiohttp ends a close-delimited body at a reset as if at a clean EOF.
+                raise aiohttp.ClientPayloadError("the upstream reset the connection mid-body")
         except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
             fail = self._body_failure(exc, target)
             self.stats.upstream_error(fail.kind, fail.message)
@@ -509,6 +513,29 @@ def _client_body_error(exc: BaseException) -> _ClientBodyError | None:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def _close_watch(
+    request: web.BaseRequest, upstream: aiohttp.ClientResponse
+) -> asyncio.Future[None] | None:
+    """For a body delimited by the connection's close, the future that tells how it closed."""
+    if (
+        upstream.content_length is not None
+        or "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
+        or request.method == "HEAD"
+        or upstream.status in (204, 304)
+        or upstream.connection is None
+        or upstream.connection.protocol is None
+    ):
+        return None
+    closed = upstream.connection.protocol.closed
+    if closed is not None:
+        closed.add_done_callback(_failed_future)  # retrieve its exception, whatever happens
+    return closed
+
+
+def _failed_future(future: asyncio.Future[None]) -> bool:
+    return not future.cancelled() and future.exception() is not None
 
 
 def _reset(request: web.BaseRequest) -> None:
