@@ -69,6 +69,18 @@ class RouteRuntime:
     def apply(self, loaded: Loaded, *, quiet: bool = False) -> None:
         """Validate the target, then swap the new identity in."""
         target = route_target(self.route, loaded, self.where)
+        current = self.client.current
+        if (
+            current is not None
+            and current.identity.chain == loaded.identity.chain
+            and current.target == target
+        ):
+            # Nothing changed (a SIGHUP, a touched file): keep the warm connection pool.
+            self.last_error = None
+            self.retry_soon = False
+            self.stats.reloaded(True, None, current.identity.leaf.not_valid_after_utc)
+            log.debug("route %s: credentials reloaded, unchanged", self.route.name)
+            return
         self.client.install(loaded.identity, target)
         self.last_error = None
         self.retry_soon = False
