@@ -83,13 +83,10 @@ class FileSource:
         self.description = f"{creds.kind} {creds.pem or creds.pkcs12}"
         self._seen = self.fingerprint()
 
-    def load_now(self) -> ClientIdentity:
-        bundle = read_file_bundle(self.creds, where=self.where, env=self.env)
-        return bundle.identity(warn_before=self.creds.warn_before)
-
     async def load(self) -> Loaded:
         self._seen = self.fingerprint()
-        return Loaded(self.load_now())
+        bundle = read_file_bundle(self.creds, where=self.where, env=self.env)
+        return Loaded(bundle.identity(warn_before=self.creds.warn_before))
 
     async def changed(self) -> bool:
         return self.fingerprint() != self._seen
