@@ -7,6 +7,7 @@ repository holds no key material.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -56,6 +57,25 @@ def load_chain(ctx: ssl.SSLContext, issued: Issued, directory: Path | None = Non
         cert.write_bytes(issued.chain_pem())
         key.write_bytes(issued.key_pem())
         ctx.load_cert_chain(cert, key)
+
+
+def key_material(issued: Issued, *pems: bytes) -> list[str]:
+    """Strings whose presence in any output would leak ``issued``'s private key.
+
+    The base64 lines of its PEM forms (and of ``pems``, e.g. an encrypted export),
+    the hex of its DER, and the PEM marker itself.
+    """
+    found = ["PRIVATE KEY"]
+    for pem in (issued.key_pem(), issued.key_pem(legacy=True), *pems):
+        in_key = False
+        for line in pem.decode().splitlines():
+            if line.startswith("-----BEGIN"):
+                in_key = "PRIVATE KEY" in line
+            elif in_key and not line.startswith("-----") and len(line) >= 16:
+                found.append(line)
+    der = base64.b64decode("".join(issued.key_pem().decode().splitlines()[1:-1]))
+    found.append(der.hex())
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ a second route points at a closed port of 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import json
 import socket
@@ -27,7 +26,7 @@ from sidecar import __version__
 from sidecar.config import CredentialsConfig, InboundConfig
 from sidecar.pki import Issued
 from sidecar.sources import FileSource
-from tests.conftest import PKI, Running, route_config
+from tests.conftest import PKI, Running, key_material, route_config
 from tests.upstreams import FakeUpstream
 
 TOKEN = "t" * 32
@@ -241,17 +240,7 @@ async def test_status_counters_grow_with_requests_and_upstream_errors(
 
 def secrets_of(issued: Issued, encrypted_pem: bytes) -> list[str]:
     """Strings whose presence in any output would leak the key, its password or the token."""
-    found = ["PRIVATE KEY", PASSWORD, TOKEN]
-    for pem in (issued.key_pem(), issued.key_pem(legacy=True), encrypted_pem):
-        in_key = False
-        for line in pem.decode().splitlines():
-            if line.startswith("-----BEGIN"):
-                in_key = "PRIVATE KEY" in line
-            elif in_key and not line.startswith("-----") and len(line) >= 16:
-                found.append(line)
-    der = base64.b64decode("".join(issued.key_pem().decode().splitlines()[1:-1]))
-    found.append(der.hex())
-    return found
+    return [PASSWORD, TOKEN, *key_material(issued, encrypted_pem)]
 
 
 async def test_status_and_metrics_never_show_a_key_password_or_token(

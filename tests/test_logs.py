@@ -12,7 +12,6 @@ the token, PEM markers and the base64 body of the key.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from sidecar.config import Config, CredentialsConfig, InboundConfig, LogConfig, 
 from sidecar.logs import JsonFormatter, TextFormatter, access_logger, redact_query, setup_logging
 from sidecar.pki import Issued
 from sidecar.server import Sidecar
-from tests.conftest import PKI, route_config
+from tests.conftest import PKI, key_material, route_config
 from tests.upstreams import FakeUpstream
 
 PASSWORD = "log-test key password 91c2"
@@ -151,17 +150,8 @@ def closed_port() -> int:
 
 def secrets_of(issued: Issued, *pems: bytes) -> list[str]:
     """Strings that must never appear in a log."""
-    found = [PASSWORD, OTHER_PASSWORD, TOKEN, WRONG_TOKEN, UPSTREAM_BEARER, "PRIVATE KEY"]
-    for pem in (issued.key_pem(), issued.key_pem(legacy=True), *pems):
-        in_key = False
-        for line in pem.decode().splitlines():
-            if line.startswith("-----BEGIN"):
-                in_key = "PRIVATE KEY" in line
-            elif in_key and not line.startswith("-----") and len(line) >= 16:
-                found.append(line)
-    der = base64.b64decode("".join(issued.key_pem().decode().splitlines()[1:-1]))
-    found.append(der.hex())
-    return found
+    secrets = [PASSWORD, OTHER_PASSWORD, TOKEN, WRONG_TOKEN, UPSTREAM_BEARER]
+    return secrets + key_material(issued, *pems)
 
 
 @dataclass
