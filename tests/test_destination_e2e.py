@@ -9,6 +9,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from sidecar.config import (
     RouteConfig,
     TLSConfig,
 )
-from sidecar.demo import fake_successfactors
+from sidecar.demo import FakeUpstream, fake_successfactors
 from tests.conftest import PKI
 from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
@@ -69,6 +71,25 @@ def destination_route(
     return RouteConfig(**fields)
 
 
+@asynccontextmanager
+async def sf_behind_destination(
+    tmp_path: Path, fake: FakeBTP
+) -> AsyncIterator[tuple[FakeUpstream, Path]]:
+    """The fake SuccessFactors, and ``fake`` serving a destination for it: (upstream, key)."""
+    async with fake_successfactors(tmp_path / "sf") as sf:
+        fake.destinations[NAME] = destination_json(
+            NAME,
+            url=sf.url,
+            keystore=("client.pem", sf.pki.client_bundle.read_bytes()),
+            headers={"successfactors-companyid": COMPANY},
+        )
+        btp = await serve(fake)
+        try:
+            yield sf, service_key(tmp_path / "key.json", btp.url)
+        finally:
+            await btp.runner.cleanup()
+
+
 async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
@@ -77,68 +98,45 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 
 
 async def test_users_through_a_destination_with_its_company_id_header(tmp_path, start_sidecar):
-    async with fake_successfactors(tmp_path / "sf") as sf:
-        fake = FakeBTP()
-        fake.destinations[NAME] = destination_json(
-            NAME,
-            url=sf.url,
-            keystore=("client.pem", sf.pki.client_bundle.read_bytes()),
-            headers={"successfactors-companyid": COMPANY},
-        )
-        btp = await serve(fake)
-        try:
-            key = service_key(tmp_path / "key.json", btp.url)
-            running = await start_sidecar(destination_route(key, sf.pki.ca_file))
-            async with aiohttp.ClientSession() as client:
-                async with client.get(f"{running.url}/odata/v2/User?$top=2") as resp:
-                    assert resp.status == 200, await resp.text()
-                    users = (await resp.json())["d"]["results"]
-                async with client.get(f"{running.url}/-/status") as resp:
-                    status = await resp.json()
-            assert [u["userId"] for u in users] == ["u0001", "u0002"]
-            route = status["routes"][0]
-            assert route["company_id"] == COMPANY
-            assert route["upstream"] == sf.url
-            assert route["credential_source"].startswith(f"destination {NAME}")
-            assert CLIENT_SECRET not in json.dumps(status)
-        finally:
-            await btp.runner.cleanup()
+    async with sf_behind_destination(tmp_path, FakeBTP()) as (sf, key):
+        running = await start_sidecar(destination_route(key, sf.pki.ca_file))
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"{running.url}/odata/v2/User?$top=2") as resp:
+                assert resp.status == 200, await resp.text()
+                users = (await resp.json())["d"]["results"]
+            async with client.get(f"{running.url}/-/status") as resp:
+                status = await resp.json()
+    assert [u["userId"] for u in users] == ["u0001", "u0002"]
+    route = status["routes"][0]
+    assert route["company_id"] == COMPANY
+    assert route["upstream"] == sf.url
+    assert route["credential_source"].startswith(f"destination {NAME}")
+    assert CLIENT_SECRET not in json.dumps(status)
 
 
 async def test_service_down_at_start_then_up(tmp_path, start_sidecar, monkeypatch):
     monkeypatch.setattr("sidecar.server.BACKOFF_START", 0.2)
-    async with fake_successfactors(tmp_path / "sf") as sf:
-        fake = FakeBTP(fail_with=503)
-        fake.destinations[NAME] = destination_json(
-            NAME,
-            url=sf.url,
-            keystore=("client.pem", sf.pki.client_bundle.read_bytes()),
-            headers={"successfactors-companyid": COMPANY},
-        )
-        btp = await serve(fake)
-        try:
-            key = service_key(tmp_path / "key.json", btp.url)
-            running = await start_sidecar(destination_route(key, sf.pki.ca_file))
-            async with aiohttp.ClientSession() as client:
+    fake = FakeBTP(fail_with=503)
+    async with sf_behind_destination(tmp_path, fake) as (sf, key):
+        running = await start_sidecar(destination_route(key, sf.pki.ca_file))
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"{running.url}/-/ready") as resp:
+                assert resp.status == 503
+                assert "503" in (await resp.json())["reason"]
+            async with client.get(f"{running.url}/odata/v2/User") as resp:
+                assert resp.status == 503
+                assert resp.headers["X-Sidecar-Error"] == "credentials_unavailable"
+            calls = fake.destination_calls + fake.token_calls
+            fake.fail_with = None
+
+            async def ready() -> bool:
                 async with client.get(f"{running.url}/-/ready") as resp:
-                    assert resp.status == 503
-                    assert "503" in (await resp.json())["reason"]
-                async with client.get(f"{running.url}/odata/v2/User") as resp:
-                    assert resp.status == 503
-                    assert resp.headers["X-Sidecar-Error"] == "credentials_unavailable"
-                calls = fake.destination_calls + fake.token_calls
-                fake.fail_with = None
+                    return resp.status == 200
 
-                async def ready() -> bool:
-                    async with client.get(f"{running.url}/-/ready") as resp:
-                        return resp.status == 200
-
-                await wait_for(ready)
-                assert fake.destination_calls + fake.token_calls > calls
-                async with client.get(f"{running.url}/odata/v2/User?$top=1") as resp:
-                    assert resp.status == 200
-        finally:
-            await btp.runner.cleanup()
+            await wait_for(ready)
+            assert fake.destination_calls + fake.token_calls > calls
+            async with client.get(f"{running.url}/odata/v2/User?$top=1") as resp:
+                assert resp.status == 200
 
 
 async def test_a_rotated_destination_certificate_reaches_the_upstream(
@@ -252,16 +250,7 @@ async def test_destination_show_prints_no_secret(tmp_path, pki: PKI):
 
 async def test_run_with_destination_flags_in_a_subprocess(tmp_path):
     """The issue's "done when": run --destination NAME --service-key key.json."""
-    async with fake_successfactors(tmp_path / "sf") as sf:
-        fake = FakeBTP()
-        fake.destinations[NAME] = destination_json(
-            NAME,
-            url=sf.url,
-            keystore=("client.pem", sf.pki.client_bundle.read_bytes()),
-            headers={"successfactors-companyid": COMPANY},
-        )
-        btp = await serve(fake)
-        key = service_key(tmp_path / "key.json", btp.url)
+    async with sf_behind_destination(tmp_path, FakeBTP()) as (sf, key):
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sidecar", "run", "--destination", NAME,
@@ -282,4 +271,3 @@ async def test_run_with_destination_flags_in_a_subprocess(tmp_path):
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 15) == 0
-            await btp.runner.cleanup()
