@@ -32,7 +32,6 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import aiohttp
@@ -71,6 +70,7 @@ from sidecar.upstream_errors import (
     error_response,
     failure,
 )
+from sidecar.upstream_http import ConnectionPool, UpstreamResponse
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -190,7 +190,7 @@ class RouteProxy:
     async def _forward(self, ex: _Exchange) -> web.StreamResponse:
         request = ex.request
         try:
-            session, target, url = self._prepare(request)
+            pool, target, path = self._prepare(request)
         except _Refused as refused:
             return self._finish(ex, self._answer(ex, refused.code, refused.message, refused.hint))
         if request.headers.get("Expect", "").lower() == "100-continue":
@@ -204,19 +204,11 @@ class RouteProxy:
             if accept is not None:
                 headers["Accept-Encoding"] = accept
         headers[REQUEST_ID_HEADER] = ex.request_id
-        data: Any = None
+        body = None
         if request.body_exists:
-            data = _request_body(request.content, self._max_body, self.route.timeouts.read)
+            body = _request_body(request.content, self._max_body, self.route.timeouts.read)
         try:
-            upstream_cm = session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                server_hostname=self._server_hostname,
-            )
-            upstream = await upstream_cm.__aenter__()
+            upstream = await pool.request(request.method, path, headers, body)
         except Exception as exc:  # the one table decides; unknown ones propagate
             body_error = _client_body_error(exc)
             if body_error is not None:
@@ -228,11 +220,11 @@ class RouteProxy:
         try:
             response = await self._relay(ex, upstream, target)
         finally:
-            await upstream_cm.__aexit__(None, None, None)
+            upstream.release()
         return self._finish(ex, response)
 
-    def _prepare(self, request: web.BaseRequest) -> tuple[aiohttp.ClientSession, Target, URL]:
-        """Refuse what must not go upstream; else the session, target and URL to use."""
+    def _prepare(self, request: web.BaseRequest) -> tuple[ConnectionPool, Target, str]:
+        """Refuse what must not go upstream; else the pool, target and request target to use."""
         if request.version not in _VERSIONS:
             raise _Refused(BAD_REQUEST, f"HTTP/{request.version[0]}.{request.version[1]} is "
                            "not served; send HTTP/1.1 (or 1.0)")  # fmt: skip
@@ -279,18 +271,12 @@ class RouteProxy:
                 f"the value of header {bad} is not valid UTF-8; it cannot be forwarded unchanged",
                 "send header values as ASCII or UTF-8",
             )
-        url = URL.build(
-            scheme="https",
-            host=target.upstream.host,
-            port=target.upstream.port,
-            path=target.upstream.path_prefix + path,
-            query_string=merge_query(query, target.query),
-            encoded=True,
-        )
-        return generation.session, target, url
+        query = merge_query(query, target.query)
+        path = target.upstream.path_prefix + path + (f"?{query}" if query else "")
+        return generation.pool, target, path
 
     async def _relay(
-        self, ex: _Exchange, upstream: aiohttp.ClientResponse, target: Target
+        self, ex: _Exchange, upstream: UpstreamResponse, target: Target
     ) -> web.StreamResponse:
         request = ex.request
         headers = filter_headers(upstream.headers, ())
@@ -352,7 +338,7 @@ class RouteProxy:
     async def _relay_small(
         self,
         ex: _Exchange,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         target: Target,
         headers: CIMultiDict[str],
         body: BodyRewriter | None,
@@ -380,7 +366,7 @@ class RouteProxy:
     def _rewriting(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         target: Target,
         headers: CIMultiDict[str],
     ) -> tuple[BodyRewriter | None, CIMultiDict[str]]:
@@ -516,7 +502,7 @@ def _client_body_error(exc: BaseException) -> _ClientBodyError | None:
 
 
 def _close_watch(
-    request: web.BaseRequest, upstream: aiohttp.ClientResponse
+    request: web.BaseRequest, upstream: UpstreamResponse
 ) -> asyncio.Future[None] | None:
     """For a body delimited by the connection's close, the future that tells how it closed."""
     if (
@@ -524,11 +510,9 @@ def _close_watch(
         or "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
         or request.method == "HEAD"
         or upstream.status in (204, 304)
-        or upstream.connection is None
-        or upstream.connection.protocol is None
     ):
         return None
-    closed = upstream.connection.protocol.closed
+    closed = upstream.closed
     if closed is not None:
         closed.add_done_callback(_failed_future)  # retrieve its exception, whatever happens
     return closed

@@ -1,9 +1,9 @@
 """A route's connection to its upstream: identity, SSL context, pooled client.
 
-`UpstreamClient` holds the current client identity and the aiohttp session
-whose pooled keep-alive connections present it. A new identity replaces the
-old one atomically: new requests get a new session at once, while the old
-session is closed only when its requests in flight have finished.
+`UpstreamClient` holds the current client identity and the connection pool
+whose keep-alive connections present it. A new identity replaces the old one
+atomically: new requests get a new pool at once, while the old pool is closed
+only when its requests in flight have finished.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-import aiohttp
-
 from sidecar.config import RouteConfig, UpstreamURL
 from sidecar.errors import ConfigError
 from sidecar.identity import ClientIdentity, client_ssl_context
 from sidecar.rewrite import upstream_bases
 from sidecar.sources import Loaded
 from sidecar.tasks import TaskGroup
+from sidecar.upstream_http import ConnectionPool
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -62,14 +61,15 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
     upstream = route.upstream or loaded.upstream
     if upstream is None:
         raise ConfigError(f"{where}.upstream: no upstream URL configured or supplied")
-    headers = {k.lower(): v for k, v in loaded.headers.items()}
-    headers.update(route.headers)
+    # One value per name, whatever its case; the route's config wins over the source.
+    headers = {k.lower(): (k, v) for k, v in loaded.headers.items()}
+    headers.update({k.lower(): (k, v) for k, v in route.headers.items()})
     if route.company_id:
-        headers[COMPANY_ID_HEADER] = route.company_id
+        headers[COMPANY_ID_HEADER] = (COMPANY_ID_HEADER, route.company_id)
     drop = {"host", "expect", TOKEN_HEADER.lower(), REQUEST_ID_HEADER.lower(), *headers}
     return Target(
         upstream=upstream,
-        set_headers=tuple(headers.items()),
+        set_headers=tuple(headers.values()),
         drop=frozenset(drop),
         query={**loaded.query, **route.query},
         rewrite_bases=upstream_bases(upstream, route.rewrite_hosts) if route.rewrite_links else (),
@@ -78,11 +78,11 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
 
 @dataclass(frozen=True)
 class Generation:
-    """One identity, where it sends requests, and the session that presents it."""
+    """One identity, where it sends requests, and the pool that presents it."""
 
     identity: ClientIdentity
     target: Target
-    session: aiohttp.ClientSession
+    pool: ConnectionPool
     loaded_at: dt.datetime
 
 
@@ -93,75 +93,51 @@ class UpstreamClient:
         self.route = route
         self._tasks = tasks
         self.current: Generation | None = None
-        self._retiring: set[aiohttp.ClientSession] = set()
+        self._retiring: set[ConnectionPool] = set()
 
     def install(self, identity: ClientIdentity, target: Target) -> Generation:
-        """Start presenting ``identity``; the previous session retires gracefully."""
-        ctx = client_ssl_context(identity, ca_file=self.route.tls.ca_file)
-        connector = aiohttp.TCPConnector(
-            ssl=ctx,
+        """Start presenting ``identity``; the previous pool retires gracefully."""
+        pool = ConnectionPool(
+            target.upstream.host,
+            target.upstream.port,
+            client_ssl_context(identity, ca_file=self.route.tls.ca_file),
+            server_hostname=self.route.tls.server_name,
+            connect_timeout=self.route.timeouts.connect,
+            read_timeout=self.route.timeouts.read,
             limit=POOL_LIMIT,
-            keepalive_timeout=KEEPALIVE,
-            enable_cleanup_closed=False,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            # A proxy passes bytes through: no decompression, no cookie jar
-            # shared between clients, no headers the client did not send.
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.route.timeouts.connect,
-                sock_read=self.route.timeouts.read,
-            ),
-            raise_for_status=False,
+            keepalive=KEEPALIVE,
         )
         old, self.current = (
             self.current,
-            Generation(identity, target, session, dt.datetime.now(dt.UTC)),
+            Generation(identity, target, pool, dt.datetime.now(dt.UTC)),
         )
         if old is not None:
-            self._retire(old.session)
+            self._retire(old.pool)
         return self.current
 
-    def _retire(self, session: aiohttp.ClientSession) -> None:
-        self._retiring.add(session)
-        self._tasks.create(self._close_when_idle(session), name=f"retire-{self.route.name}")
+    def _retire(self, pool: ConnectionPool) -> None:
+        self._retiring.add(pool)
+        self._tasks.create(self._close_when_idle(pool), name=f"retire-{self.route.name}")
 
-    async def _close_when_idle(self, session: aiohttp.ClientSession) -> None:
+    async def _close_when_idle(self, pool: ConnectionPool) -> None:
         # Requests in flight finish on the old connections, however long a download takes:
         # each read is bounded by timeouts.read, so a stalled one ends on its own.
-        connector = session.connector
-        while connector is not None and _busy(connector):
+        while pool.busy:
             await asyncio.sleep(0.2)
-        await session.close()
-        self._retiring.discard(session)
+        await pool.close()
+        self._retiring.discard(pool)
 
     async def close(self) -> None:
-        sessions = list(self._retiring)
+        pools = list(self._retiring)
         if self.current is not None:
-            sessions.append(self.current.session)
+            pools.append(self.current.pool)
         self.current = None
-        for s in sessions:
-            await s.close()
+        for pool in pools:
+            await pool.close()
 
     def open_connections(self) -> int:
-        """Upstream connections open now, idle or busy, across live sessions."""
-        sessions = list(self._retiring)
+        """Upstream connections open now, idle or busy, across live pools."""
+        pools = list(self._retiring)
         if self.current is not None:
-            sessions.append(self.current.session)
-        total = 0
-        for s in sessions:
-            c = s.connector
-            if c is not None:
-                total += len(getattr(c, "_acquired", ())) + sum(
-                    len(v) for v in getattr(c, "_conns", {}).values()
-                )
-        return total
-
-
-def _busy(connector: aiohttp.BaseConnector) -> bool:
-    acquired = getattr(connector, "_acquired", None)
-    return bool(acquired)
+            pools.append(self.current.pool)
+        return sum(pool.open_connections() for pool in pools)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 UPSTREAM_TLS_FAILED = "upstream_tls_failed"
@@ -171,7 +172,9 @@ def classify(exc: BaseException, *, upstream: str) -> Failure:
         return failure(
             UPSTREAM_CONNECT_FAILED, f"{upstream} closed the connection without answering", "reset"
         )
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+    if isinstance(
+        exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError | HttpProcessingError
+    ):
         return failure(
             UPSTREAM_CONNECT_FAILED, f"{upstream} sent an invalid response: {exc}", "protocol"
         )

@@ -717,7 +717,7 @@ async def test_a_request_in_flight_across_a_swap_completes_and_the_old_pool_clos
         write_bundle(setup.bundle, fresh.btp_bundle())
         await wait_for_serial(client, setup.url, fresh.cert.serial_number, within=FILES_WITHIN)
         assert runtime.client.current is not old_generation
-        assert not old_generation.session.closed, "the old pool closed under a request"
+        assert not old_generation.pool.closed, "the old pool closed under a request"
         assert not held.done()
         setup.upstream.release.set()
 
@@ -726,9 +726,9 @@ async def test_a_request_in_flight_across_a_swap_completes_and_the_old_pool_clos
     assert body == b"%d\n" % old + HELD_BODY  # complete, and on the old identity
 
     async def old_pool_closed() -> bool:
-        return bool(old_generation.session.closed)
+        return bool(old_generation.pool.closed)
 
-    await eventually(old_pool_closed, within=2, what="the old session closed once idle")
+    await eventually(old_pool_closed, within=2, what="the old pool closed once idle")
 
     async def few_connections() -> bool:
         return bool(runtime.client.open_connections() <= 1 >= setup.upstream.open_connections())

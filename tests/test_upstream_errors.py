@@ -30,6 +30,7 @@ from aiohttp.client_reqrep import ConnectionKey, RequestInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+import sidecar.upstream_http
 from sidecar.config import InboundConfig, Timeouts
 from sidecar.upstream_errors import ERROR_CODES, Failure, classify
 from tests.conftest import PKI, load_chain, route_config
@@ -299,8 +300,8 @@ async def test_classify_dns_failure_from_a_real_connector() -> None:
 async def test_upstream_connect_failed_dns_end_to_end(
     monkeypatch: pytest.MonkeyPatch, bundle_file: Path, ca_file: Path, start_sidecar: Any
 ) -> None:
-    # The route's connector builds its resolver from this name; no lookup leaves the process.
-    monkeypatch.setattr(aiohttp.connector, "DefaultResolver", FailingResolver)
+    # The route's pool builds its resolver from this name; no lookup leaves the process.
+    monkeypatch.setattr(sidecar.upstream_http, "DefaultResolver", FailingResolver)
     url = "https://api.sf-upstream.test"
     running = await start_sidecar(route_config(url, bundle_file, ca_file))
     answer = await fetch(running.url + "/x")

@@ -1,0 +1,379 @@
+"""HTTP/1.1 to the upstream over pooled mTLS connections, without a client session.
+
+aiohttp's `ClientSession` is built for applications: URL joining, cookies,
+redirects, auto headers, tracing, request and response objects with many
+options. A proxy needs none of that, and on the hot path it cost more CPU than
+everything else the sidecar does per request. This module keeps the parts of
+aiohttp that are hard to get right — the C response parser with its flow
+control and read timeout (`ResponseHandler`), the resolver and happy-eyeballs
+connect, and aiohttp's connection errors, so `upstream_errors.classify` reads
+them as before — and adds only what a proxy needs:
+
+- `ConnectionPool`: keep-alive connections of one identity, most recently used
+  first, at most ``limit`` open (callers wait for a slot), idle ones closed
+  after ``keepalive`` seconds;
+- `ConnectionPool.request`: one request written as the client sent it (head
+  and small body in one write, a streamed body chunked or with the client's
+  Content-Length), and the response head read; the body is the caller's to
+  read, then `UpstreamResponse.release` returns the connection when it is clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohappyeyeballs
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.resolver import DefaultResolver
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# Methods without a body by definition: no `Content-Length: 0` is added (as aiohttp did).
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Replayable on a fresh connection when a reused one turns out closed (RFC 9112 9.3.1).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+READ_BUFSIZE = 2**16
+_STALE = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientConnectionResetError,
+)
+
+
+class UpstreamConnection(ResponseHandler):
+    """One mTLS connection: aiohttp's parser and flow control, plus the pool's bookkeeping."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lost: Callable[[UpstreamConnection], None]):
+        super().__init__(loop)
+        self._lost = lost
+        self.idle_since = 0.0
+        self.reused = False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._lost(self)
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        await self._drain_helper()
+
+
+class UpstreamResponse:
+    """The response head; the body streams from ``content``. Call `release` when done."""
+
+    __slots__ = ("status", "reason", "headers", "content", "content_length",
+                 "_conn", "_pool", "_writer")  # fmt: skip
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        content: StreamReader,
+        conn: UpstreamConnection,
+        pool: ConnectionPool,
+        writer: asyncio.Task[bool] | None,
+    ) -> None:
+        self.status, self.reason, self.headers, self.content = status, reason, headers, content
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None else None
+        self._conn: UpstreamConnection | None = conn
+        self._pool = pool
+        self._writer = writer
+
+    @property
+    def closed(self) -> asyncio.Future[None] | None:
+        """The future that tells how the connection ended (a reset, or a clean close)."""
+        return None if self._conn is None else self._conn.closed
+
+    async def read(self) -> bytes:
+        return await self.content.read()
+
+    def release(self) -> None:
+        """Back to the pool if the exchange ended cleanly; else the connection is closed."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        writer = self._writer
+        clean = writer is None or (writer.done() and not writer.cancelled() and writer.result())
+        if writer is not None and not writer.done():
+            writer.cancel()  # the upstream answered before it read the whole body
+        self._pool.release(conn, reusable=clean and not conn.should_close)
+
+
+class ConnectionPool:
+    """Keep-alive mTLS connections to one upstream, presenting one identity."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_hostname: str | None,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+        limit: int,
+        keepalive: float,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._host, self._port, self._ssl = host, port, ssl_context
+        self._server_hostname = server_hostname or host
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._limit, self._keepalive = limit, keepalive
+        self._host_header = host if port == 443 else f"{host}:{port}"
+        if ":" in host:  # an IPv6 literal
+            self._host_header = f"[{host}]" if port == 443 else f"[{host}]:{port}"
+        self._resolver = DefaultResolver()  # the one aiohttp's connector uses
+        self._key = ConnectionKey(host, port, True, ssl_context, None, None, None)
+        self._idle: list[UpstreamConnection] = []  # most recently used last
+        self._busy: set[UpstreamConnection] = set()
+        self._connecting = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # ---------------------------------------------------------------- requests
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None,
+    ) -> UpstreamResponse:
+        """Send one request; return when the response head has arrived."""
+        head = self._head(method, target, headers, body is not None)
+        chunked = body is not None and "Content-Length" not in headers
+        while True:
+            conn = await self._acquire()
+            try:
+                return await self._exchange(conn, method, head, body, chunked)
+            except BaseException as exc:
+                self.release(conn, reusable=False)
+                # A kept-alive connection the upstream closed just before our request
+                # is sent again once on a new one, if that cannot repeat a side effect.
+                if not (
+                    isinstance(exc, _STALE)
+                    and conn.reused
+                    and body is None
+                    and method in _IDEMPOTENT
+                ):
+                    raise
+
+    async def _exchange(
+        self,
+        conn: UpstreamConnection,
+        method: str,
+        head: bytes,
+        body: AsyncIterator[bytes] | None,
+        chunked: bool,
+    ) -> UpstreamResponse:
+        conn.set_response_params(
+            skip_payload=method == "HEAD",
+            read_until_eof=True,  # a body without length or chunks ends with the connection
+            auto_decompress=False,  # a proxy passes bytes through
+            read_timeout=self._read_timeout,
+            read_bufsize=READ_BUFSIZE,
+        )
+        writer: asyncio.Task[bool] | None = None
+        conn.send(head)
+        if body is None:
+            conn.start_timeout()
+        else:
+            # The body streams while the response is awaited: an upstream may answer early.
+            writer = self._loop.create_task(_send_body(conn, body, chunked))
+        try:
+            while True:
+                message, payload = await conn.read()
+                if not 100 <= message.code < 200 or message.code == 101:
+                    break  # 1xx interim answers are not relayed (Expect is ours)
+        except BaseException:
+            if writer is not None:
+                writer.cancel()
+            raise
+        return UpstreamResponse(
+            message.code, message.reason, message.headers, payload, conn, self, writer
+        )
+
+    def _head(self, method: str, target: str, headers: CIMultiDict[str], has_body: bool) -> bytes:
+        hosts = headers.popall("Host", None)  # a route may set its own Host
+        host = hosts[-1] if hosts else self._host_header
+        lines = [f"{method} {target} HTTP/1.1\r\n", f"Host: {host}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if has_body:
+            if "Content-Length" not in headers:
+                lines.append("Transfer-Encoding: chunked\r\n")
+        elif method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+            lines.append("Content-Length: 0\r\n")
+        lines.append("\r\n")
+        text = "".join(lines)
+        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+            # The parser and the config checks keep CR/LF out; this keeps a request single.
+            raise ValueError("a header name or value holds a line break")
+        return text.encode("utf-8")
+
+    # ---------------------------------------------------------------- the pool
+
+    async def _acquire(self) -> UpstreamConnection:
+        while True:
+            if self.closed:
+                raise aiohttp.ClientConnectionError("the connection pool is closed")
+            now = time.monotonic()
+            while self._idle:
+                conn = self._idle.pop()
+                if (
+                    conn.is_connected()
+                    and not conn.should_close  # e.g. bytes the upstream sent unasked
+                    and now - conn.idle_since < self._keepalive
+                ):
+                    conn.reused = True
+                    self._busy.add(conn)
+                    return conn
+                conn.close()
+            if len(self._busy) + self._connecting < self._limit:
+                break
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        self._connecting += 1
+        try:
+            conn = await self._connect()
+        finally:
+            self._connecting -= 1
+            self._wake()
+        self._busy.add(conn)
+        return conn
+
+    async def _connect(self) -> UpstreamConnection:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                try:
+                    hosts = await self._resolver.resolve(
+                        self._host, self._port, family=socket.AF_UNSPEC
+                    )
+                except OSError as exc:
+                    raise aiohttp.ClientConnectorDNSError(self._key, exc) from exc
+                infos = [_addr_info(h["host"], h["port"]) for h in hosts]
+                try:
+                    sock = await aiohappyeyeballs.start_connection(infos, loop=self._loop)
+                    _, conn = await self._loop.create_connection(
+                        lambda: UpstreamConnection(self._loop, self._lost),
+                        sock=sock,
+                        ssl=self._ssl,
+                        server_hostname=self._server_hostname,
+                    )
+                except ssl.SSLCertVerificationError as exc:
+                    raise aiohttp.ClientConnectorCertificateError(self._key, exc) from exc
+                except ssl.SSLError as exc:
+                    raise aiohttp.ClientConnectorSSLError(self._key, exc) from exc
+                except OSError as exc:
+                    if exc.errno is None and isinstance(exc, TimeoutError):
+                        raise
+                    raise aiohttp.ClientConnectorError(self._key, exc) from exc
+        except TimeoutError as exc:
+            raise aiohttp.ConnectionTimeoutError(
+                f"Connection timeout to host https://{self._host_header}"
+            ) from exc
+        return conn
+
+    def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
+        self._busy.discard(conn)
+        if reusable and not self.closed and conn.is_connected():
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+            if self._sweeper is None:
+                self._sweeper = self._loop.call_later(self._keepalive, self._sweep)
+        else:
+            conn.abort()
+        self._wake()
+
+    def _lost(self, conn: UpstreamConnection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than ``keepalive``; run again while any are idle."""
+        self._sweeper = None
+        deadline = time.monotonic() - self._keepalive
+        stale = [c for c in self._idle if c.idle_since <= deadline]
+        for conn in stale:
+            self._idle.remove(conn)
+            conn.close()
+        if self._idle:
+            self._sweeper = self._loop.call_later(self._keepalive, self._sweep)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._busy) or self._connecting > 0
+
+    def open_connections(self) -> int:
+        return len(self._busy) + len(self._idle)
+
+    async def close(self) -> None:
+        """Close every connection now; requests still running lose theirs."""
+        self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in self._idle:
+            conn.close()
+        for conn in self._busy:
+            conn.abort()
+        self._idle.clear()
+        self._busy.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool) -> bool:
+    """Stream the request body with the transport's back-pressure; False if it failed."""
+    try:
+        async for chunk in body:
+            if not chunk:
+                continue
+            if chunked:
+                conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            else:
+                conn.send(chunk)
+            await conn.drain()
+        if chunked:
+            conn.send(b"0\r\n\r\n")
+        conn.start_timeout()
+    except Exception as exc:
+        conn.set_exception(exc)  # the response read raises it; the connection is not reused
+        return False
+    return True
+
+
+def _addr_info(host: str, port: int) -> Any:
+    if ":" in host:
+        return (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))
+    return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))
