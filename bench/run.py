@@ -1011,23 +1011,22 @@ def run_profile(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
     runner = Runner(args, load_cpu, upstream)
     runner.wrk(v, WRK_CELLS[1], 1)
     raw = tmp / "profile.txt"
+    cell = next(c for c in WRK_CELLS if c.key == args.profile_cell)
     argv = runner.pin(
         [
             "wrk",
             "-t1",
-            "-c10",
+            f"-c{cell.conns}",
             f"-d{args.profile + 3:g}s",
             "--timeout",
             "10s",
+            *(["-H", "Connection: close"] if cell.close else []),
             "-s",
             str(BENCH / "report.lua"),
-            v.url + "/small.json",
+            v.url + cell.path,
         ]
     )
-    log(
-        f"profiling {v.label} (pid {pid}, {v.notes}) for {args.profile:g} s "
-        "under small JSON, 10 connections"
-    )
+    log(f"profiling {v.label} (pid {pid}, {v.notes}) for {args.profile:g} s under {cell.key}")
     load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         time.sleep(1.0)
@@ -1152,9 +1151,15 @@ def main() -> None:
         type=float,
         metavar="SECONDS",
         help="instead of the table: py-spy profile of the sidecar (pure config, "
-        "event loop as installed) under small JSON at 10 connections",
+        "event loop as installed) under load (--profile-cell; default small JSON, 10 conn)",
     )
     p.add_argument("--top", type=int, default=20, help="functions shown by --profile")
+    p.add_argument(
+        "--profile-cell",
+        default="small-c10",
+        choices=[c.key for c in WRK_CELLS],
+        help="the wrk cell --profile runs (default: small-c10)",
+    )
     p.add_argument(
         "--profile-variant",
         default=None,

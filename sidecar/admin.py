@@ -28,7 +28,7 @@ def readiness(runtime: RouteRuntime, now: dt.datetime | None = None) -> str | No
     generation = runtime.client.current
     if generation is None:
         return runtime.last_error or "no client certificate loaded yet"
-    not_after = generation.identity.leaf.not_valid_after_utc
+    not_after = generation.not_after
     if (now or dt.datetime.now(dt.UTC)) >= not_after:
         return f"the client certificate expired on {not_after:%Y-%m-%d %H:%M} UTC"
     return None

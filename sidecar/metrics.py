@@ -87,18 +87,19 @@ class RouteStats:
 
     def __post_init__(self) -> None:
         m = self.metrics
-        self._in_flight = m.in_flight.labels(self.name)
+        self.in_flight = 0  # a plain int read at scrape time: no lock per request
+        m.in_flight.labels(self.name).set_function(lambda: self.in_flight)
         self._counters: dict[tuple[str, int], Counter] = {}
         self._duration_child = m.duration.labels(self.name)
         for result in ("success", "failure"):
             m.reloads.labels(self.name, result)  # show zeroes from the start
 
     def started(self) -> float:
-        self._in_flight.inc()
+        self.in_flight += 1
         return time.perf_counter()
 
     def finished(self, method: str, status: int, started: float) -> None:
-        self._in_flight.dec()
+        self.in_flight -= 1
         self.requests += 1
         key = (method if method in _METHODS else "OTHER", status)
         counter = self._counters.get(key)

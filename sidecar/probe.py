@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aiohttp
+from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
 from sidecar.identity import ClientIdentity, client_ssl_context
 from sidecar.upstream import COMPANY_ID_HEADER
 from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
+from sidecar.upstream_http import ConnectionPool
 
 
 @dataclass(frozen=True)
@@ -28,31 +29,39 @@ class ProbeResult:
 async def probe(route: RouteConfig, identity: ClientIdentity) -> ProbeResult:
     assert route.upstream is not None
     url = f"{route.upstream}/"
-    headers = dict(route.headers)
+    headers: CIMultiDict[str] = CIMultiDict(route.headers)
     if route.company_id:
         headers[COMPANY_ID_HEADER] = route.company_id
     ctx = client_ssl_context(identity, ca_file=route.tls.ca_file)
-    timeout = aiohttp.ClientTimeout(sock_connect=route.timeouts.connect, sock_read=30)
-    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+    # The same client as the proxy's, so the probe tries what requests will do.
+    pool = ConnectionPool(
+        route.upstream.host,
+        route.upstream.port,
+        ctx,
+        server_hostname=route.tls.server_name,
+        connect_timeout=route.timeouts.connect,
+        read_timeout=30,
+        limit=1,
+        keepalive=1,
+    )
+    try:
+        response = await pool.request("GET", f"{route.upstream.path_prefix}/", headers, None)
         try:
-            async with session.get(
-                url,
-                ssl=ctx,
-                headers=headers,
-                allow_redirects=False,
-                server_hostname=route.tls.server_name,
-            ) as resp:
-                await resp.read()
-                status = resp.status
-        except Exception as exc:
-            fail = classify(exc, upstream=str(route.upstream))
-            rejected = fail.code == CLIENT_CERTIFICATE_REJECTED
-            return ProbeResult(
-                accepted=False,
-                handshake="rejected by the server" if rejected else "failed",
-                status=None,
-                message=f"{fail.message} (hint: {fail.hint})",
-            )
+            await response.read()
+        finally:
+            response.release()
+        status = response.status
+    except Exception as exc:
+        fail = classify(exc, upstream=str(route.upstream))
+        rejected = fail.code == CLIENT_CERTIFICATE_REJECTED
+        return ProbeResult(
+            accepted=False,
+            handshake="rejected by the server" if rejected else "failed",
+            status=None,
+            message=f"{fail.message} (hint: {fail.hint})",
+        )
+    finally:
+        await pool.close()
     handshake = "completed"
     ssl_object = ctx.last_connection(route.tls.server_name or route.upstream.host)
     if ssl_object is not None and ssl_object.version():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ log = logging.getLogger("sidecar.upstream")
 
 POOL_LIMIT = 100  # open upstream connections per route at most
 KEEPALIVE = 30.0  # seconds an idle upstream connection is kept
+RETIRE_POLL = 0.2  # seconds between checks whether a retired pool is idle
 
 
 COMPANY_ID_HEADER = "successfactors-companyid"
@@ -85,6 +87,11 @@ class Generation:
     pool: ConnectionPool
     loaded_at: dt.datetime
 
+    @functools.cached_property
+    def not_after(self) -> dt.datetime:
+        """The leaf's expiry, read once (readiness asks on every request)."""
+        return self.identity.leaf.not_valid_after_utc
+
 
 class UpstreamClient:
     """The pooled mTLS client of one route."""
@@ -121,9 +128,11 @@ class UpstreamClient:
 
     async def _close_when_idle(self, pool: ConnectionPool) -> None:
         # Requests in flight finish on the old connections, however long a download takes:
-        # each read is bounded by timeouts.read, so a stalled one ends on its own.
+        # each read is bounded by timeouts.read, so a stalled one ends on its own. The first
+        # wait also lets a request that took the old pool just before the swap reach it.
+        await asyncio.sleep(RETIRE_POLL)
         while pool.busy:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(RETIRE_POLL)
         await pool.close()
         self._retiring.discard(pool)
 
