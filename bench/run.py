@@ -378,6 +378,7 @@ WRK_CELLS = [
     Cell("64k-c100", "/64k.json", 100),
     Cell("close-c1", "/small.json", 1, close=True),
     Cell("close-c10", "/small.json", 10, close=True),
+    Cell("small-c1000", "/small.json", 1000),
 ]
 
 
@@ -500,6 +501,7 @@ def build_rows(
     results: dict[tuple[str, str], list[dict[str, Any]]],
     variants: list[Variant],
     stream: dict[tuple[str, str], list[dict[str, Any]]],
+    settle: float,
     mem: dict[str, dict[str, float]],
 ) -> list[Row]:
     rows: list[Row] = []
@@ -582,6 +584,8 @@ def build_rows(
         ("after_rss", "RSS after the load (MiB)", "MiB"),
         ("idle_fds", "open fds idle", "fds"),
         ("after_fds", "open fds after the load", "fds"),
+        ("settled_rss", f"RSS {settle:g} s after the load (MiB)", "MiB"),
+        ("settled_fds", f"open fds {settle:g} s after the load", "fds"),
     ):
         rows.append(Row(title, unit, {k: [m[key]] for k, m in mem.items() if key in m}))
     return rows
@@ -600,10 +604,16 @@ TARGETS = [
     ("peak RSS ≤ 64 MiB", "RSS peak, whole run (MiB)", "abs<=", 64.0),
     ("`Connection: close`, 1 conn: ≥ 0.40× nginx req/s",
      "small JSON, `Connection: close`, 1 conn: requests/s", "ratio", 0.40),
+    ("1,000 connections held without error",
+     "small JSON (~300 B), 1000 conn: requests/s", "no-errors", 0),
+    ("open fds back to the idle count after the load",
+     "open fds {settle} s after the load", "vs-idle:open fds idle", 1.0),
+    ("RSS back to idle (≤ 1.10× idle) after the load",
+     "RSS {settle} s after the load (MiB)", "vs-idle:RSS idle (MiB)", 1.10),
 ]  # fmt: skip
 
 
-def target_table(rows: list[Row], variants: list[Variant]) -> list[str]:
+def target_table(rows: list[Row], variants: list[Variant], settle: float) -> list[str]:
     by_label = {r.label: r for r in rows}
     sidecars = [v for v in variants if v.key.startswith("sc-")]
     if not sidecars or not any(v.key == "nginx" for v in variants):
@@ -615,16 +625,26 @@ def target_table(rows: list[Row], variants: list[Variant]) -> list[str]:
         "|---|" + "---|" * len(sidecars),
     ]
     for what, label, kind, bound in TARGETS:
-        row = by_label.get(label)
+        row = by_label.get(label.format(settle=f"{settle:g}"))
         if row is None:
             continue
+        idle = by_label.get(kind.removeprefix("vs-idle:")) if kind.startswith("vs-idle:") else None
         cells = []
         for v in sidecars:
             xs, base = row.values.get(v.key), row.values.get("nginx")
-            if not xs or (kind == "ratio" and not base):
+            if kind.startswith("vs-idle:"):
+                base = idle.values.get(v.key) if idle else None
+            if not xs or (kind != "abs<=" and kind != "no-errors" and not base):
                 cells.append("–")
                 continue
-            if kind == "ratio" and base:
+            if kind == "no-errors":
+                n = row.errors.get(v.key, 0)
+                ok, text = n == 0, f"{n:,} errors"
+            elif base and kind.startswith("vs-idle:"):
+                x, idle_x = med(xs), med(base)
+                ok = x <= idle_x * bound
+                text = f"{x:.0f} vs {idle_x:.0f} idle"
+            elif kind == "ratio" and base:
                 x = med(xs) / med(base)
                 ok = x >= bound and not row.errors.get(v.key)
                 text = f"{x:.2f}×"
@@ -903,9 +923,20 @@ def run_bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
                 after_rss=status_kb(pids, "VmRSS") / 1024,
                 after_fds=fd_count(pids),
             )
+    if args.settle > 0:
+        # The sidecar closes idle upstream connections after 30 s and gives memory back
+        # once a load has ended; nginx keeps its upstream keep-alive ones for 300 s.
+        log(f"waiting {args.settle:g} s for the proxies to settle after the load")
+        time.sleep(args.settle)
+        for v in variants:
+            if v.server:
+                pids = v.pids()
+                mem[v.key].update(
+                    settled_rss=status_kb(pids, "VmRSS") / 1024, settled_fds=fd_count(pids)
+                )
     elapsed = time.monotonic() - started
     load_end = Path("/proc/loadavg").read_text().split()[:3]
-    rows = build_rows(results, variants, stream, mem)
+    rows = build_rows(results, variants, stream, mem, args.settle)
     main, spread = tables(rows, variants)
     report = render_report(
         args, facts, load_end, elapsed, variants, sizes, info, main, spread, rows
@@ -929,7 +960,7 @@ def render_report(
     spread: str,
     rows: list[Row],
 ) -> str:
-    targets = target_table(rows, variants)
+    targets = target_table(rows, variants, args.settle)
     lines = [
         "# Benchmark results",
         "",
@@ -1152,6 +1183,13 @@ def main() -> None:
         metavar="SECONDS",
         help="instead of the table: py-spy profile of the sidecar (pure config, "
         "event loop as installed) under load (--profile-cell; default small JSON, 10 conn)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=35.0,
+        help="seconds to wait after the load before the last RSS and fd reading (the "
+        "sidecar closes idle upstream connections after 30 s); 0 skips it",
     )
     p.add_argument("--top", type=int, default=20, help="functions shown by --profile")
     p.add_argument(

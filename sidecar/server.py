@@ -36,6 +36,7 @@ from sidecar.errors import ConfigError, SidecarError
 from sidecar.listener import start_listener
 from sidecar.metrics import RouteStats, SidecarMetrics
 from sidecar.proxy import RouteProxy
+from sidecar.resources import MemoryTrimmer, raise_file_limit
 from sidecar.sources import CredentialSource, Loaded, source_for
 from sidecar.tasks import TaskGroup
 from sidecar.upstream import UpstreamClient, route_target
@@ -45,6 +46,7 @@ log = logging.getLogger("sidecar")
 BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
 EXPIRY_WARNING_EVERY = 86400.0
+TRIM_EVERY = 5.0  # seconds between looks at whether a load has ended
 
 
 @dataclass
@@ -150,6 +152,14 @@ class Sidecar:
             raise
         for rt in self.routes:
             self.tasks.create(self._keep_fresh(rt), name=f"refresh-{rt.route.name}")
+        self.tasks.create(self._trim_after_load(), name="memory-trim")
+
+    async def _trim_after_load(self) -> None:
+        trimmer = MemoryTrimmer(lambda: sum(rt.stats.requests for rt in self.routes))
+        while True:
+            await asyncio.sleep(TRIM_EVERY)
+            if trimmer.tick():
+                log.debug("a load ended: unused memory returned to the system")
 
     async def _prepare_route(self, index: int, route: RouteConfig) -> None:
         token = inbound_token(index, route, self.env)
@@ -342,6 +352,7 @@ def route_status(rt: RouteRuntime) -> dict[str, object]:
 
 async def run(config: Config, *, on_ready: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads credentials."""
+    raise_file_limit()
     sidecar = Sidecar(config)
     await sidecar.start()
     loop = asyncio.get_running_loop()

@@ -12,8 +12,8 @@ them as before — and adds only what a proxy needs:
 - `ConnectionPool`: keep-alive connections of one identity, most recently used
   first, at most ``limit`` open (callers wait for a slot), idle ones closed
   after ``keepalive`` seconds;
-- `ConnectionPool.request`: one request written as the client sent it (head
-  and small body in one write, a streamed body chunked or with the client's
+- `ConnectionPool.request`: one request written as the client sent it (the
+  head in one write, a streamed body chunked or with the client's
   Content-Length), and the response head read; the body is the caller's to
   read, then `UpstreamResponse.release` returns the connection when it is clean.
 """
@@ -42,6 +42,7 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Replayable on a fresh connection when a reused one turns out closed (RFC 9112 9.3.1).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 READ_BUFSIZE = 2**16
+CLOSE_WAIT = 1.0  # seconds close() waits for the connections' TLS close
 _STALE = (
     aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
@@ -159,21 +160,25 @@ class ConnectionPool:
         """Send one request; return when the response head has arrived."""
         head = self._head(method, target, headers, body is not None)
         chunked = body is not None and "Content-Length" not in headers
-        while True:
-            conn = await self._acquire()
-            try:
-                return await self._exchange(conn, method, head, body, chunked)
-            except BaseException as exc:
-                self.release(conn, reusable=False)
-                # A kept-alive connection the upstream closed just before our request
-                # is sent again once on a new one, if that cannot repeat a side effect.
-                if not (
-                    isinstance(exc, _STALE)
-                    and conn.reused
-                    and body is None
-                    and method in _IDEMPOTENT
-                ):
-                    raise
+        conn = await self._acquire()
+        try:
+            return await self._exchange(conn, method, head, body, chunked)
+        except _STALE:
+            self.release(conn, reusable=False)
+            # A kept-alive connection the upstream closed just before our request is
+            # sent again once, on a new connection, if that cannot repeat a side effect
+            # (RFC 9112 9.3.1); the other idle ones may be stale too.
+            if not (conn.reused and body is None and method in _IDEMPOTENT):
+                raise
+        except BaseException:
+            self.release(conn, reusable=False)
+            raise
+        conn = await self._acquire(fresh=True)
+        try:
+            return await self._exchange(conn, method, head, body, chunked)
+        except BaseException:
+            self.release(conn, reusable=False)
+            raise
 
     async def _exchange(
         self,
@@ -211,8 +216,10 @@ class ConnectionPool:
         )
 
     def _head(self, method: str, target: str, headers: CIMultiDict[str], has_body: bool) -> bytes:
-        hosts = headers.popall("Host", None)  # a route may set its own Host
-        host = hosts[-1] if hosts else self._host_header
+        host = self._host_header
+        if "Host" in headers:  # a route may set its own
+            headers = headers.copy()
+            host = headers.popall("Host")[-1]
         lines = [f"{method} {target} HTTP/1.1\r\n", f"Host: {host}\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
         if has_body:
@@ -229,12 +236,12 @@ class ConnectionPool:
 
     # ---------------------------------------------------------------- the pool
 
-    async def _acquire(self) -> UpstreamConnection:
+    async def _acquire(self, fresh: bool = False) -> UpstreamConnection:
         while True:
             if self.closed:
                 raise aiohttp.ClientConnectionError("the connection pool is closed")
             now = time.monotonic()
-            while self._idle:
+            while self._idle and not fresh:
                 conn = self._idle.pop()
                 if (
                     conn.is_connected()
@@ -245,12 +252,19 @@ class ConnectionPool:
                     self._busy.add(conn)
                     return conn
                 conn.close()
-            if len(self._busy) + self._connecting < self._limit:
+            if len(self._busy) + self._connecting + (len(self._idle) if fresh else 0) < self._limit:
                 break
+            if fresh and self._idle:
+                self._idle.pop(0).close()  # the oldest idle one makes room
+                continue
             waiter = self._loop.create_future()
             self._waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: the turn passes to the next
+                raise
             finally:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
@@ -327,7 +341,10 @@ class ConnectionPool:
             self._idle.remove(conn)
             conn.close()
         if self._idle:
-            self._sweeper = self._loop.call_later(self._keepalive, self._sweep)
+            oldest = min(c.idle_since for c in self._idle)
+            self._sweeper = self._loop.call_at(
+                self._loop.time() + max(0.0, oldest - deadline), self._sweep
+            )
 
     @property
     def busy(self) -> bool:
@@ -337,11 +354,12 @@ class ConnectionPool:
         return len(self._busy) + len(self._idle)
 
     async def close(self) -> None:
-        """Close every connection now; requests still running lose theirs."""
+        """Close every connection; requests still running lose theirs."""
         self.closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        ending = [f for f in (c.closed for c in (*self._idle, *self._busy)) if f is not None]
         for conn in self._idle:
             conn.close()
         for conn in self._busy:
@@ -351,6 +369,16 @@ class ConnectionPool:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        if ending:
+            # A TLS close is a short exchange: let it finish before the loop may end.
+            for future in ending:
+                future.add_done_callback(_retrieve)
+            await asyncio.wait(ending, timeout=CLOSE_WAIT)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # a reset while closing is no news
 
 
 async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool) -> bool:
