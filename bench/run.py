@@ -501,8 +501,8 @@ def build_rows(
     results: dict[tuple[str, str], list[dict[str, Any]]],
     variants: list[Variant],
     stream: dict[tuple[str, str], list[dict[str, Any]]],
-    settle: float,
     mem: dict[str, dict[str, float]],
+    settle: float,
 ) -> list[Row]:
     rows: list[Row] = []
 
