@@ -260,14 +260,14 @@ class ConnectionPool:
             waiter = self._loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
+                await waiter  # _wake() pops it first: no search in a long queue
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
                     self._wake()  # woken, then cancelled: the turn passes to the next
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
                 raise
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
         self._connecting += 1
         try:
             conn = await self._connect()
@@ -366,9 +366,10 @@ class ConnectionPool:
             conn.abort()
         self._idle.clear()
         self._busy.clear()
-        for waiter in self._waiters:
+        while self._waiters:
+            waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(None)  # it finds the pool closed
         if ending:
             # A TLS close is a short exchange: let it finish before the loop may end.
             for future in ending:
