@@ -218,7 +218,7 @@ class RouteFlags:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -526,7 +526,7 @@ class _Reader:
         out: dict[str, str] = {}
         for key, item in v.value.items():
             sub = _join(path, key)
-            if headers and not _HEADER_NAME.match(key):
+            if headers and not HEADER_NAME.match(key):
                 raise self.fail(sub, item, f"{key!r} is not a valid HTTP header name")
             value = self.string(sub, item, required=False)
             if value is None:

@@ -12,9 +12,10 @@ import asyncio
 import datetime as dt
 import functools
 import logging
+import re
 from dataclasses import dataclass
 
-from sidecar.config import RouteConfig, UpstreamURL
+from sidecar.config import HEADER_NAME, RouteConfig, UpstreamURL
 from sidecar.errors import ConfigError
 from sidecar.identity import ClientIdentity, client_ssl_context
 from sidecar.rewrite import upstream_bases
@@ -66,6 +67,13 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
     # One value per name, whatever its case; the route's config wins over the source.
     headers = {k.lower(): (k, v) for k, v in loaded.headers.items()}
     headers.update({k.lower(): (k, v) for k, v in route.headers.items()})
+    for lower, (name, value) in headers.items():
+        problem = _header_problem(lower, name, value)
+        if problem is not None:
+            raise ConfigError(
+                f"{where}: the header {name!r} (from headers or the destination's "
+                f"URL.headers.*) {problem}"
+            )
     if route.company_id:
         headers[COMPANY_ID_HEADER] = (COMPANY_ID_HEADER, route.company_id)
     drop = {"host", "expect", TOKEN_HEADER.lower(), REQUEST_ID_HEADER.lower(), *headers}
@@ -76,6 +84,19 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
         query={**loaded.query, **route.query},
         rewrite_bases=upstream_bases(upstream, route.rewrite_hosts) if route.rewrite_links else (),
     )
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (tab is fine)
+
+
+def _header_problem(lower: str, name: str, value: str) -> str | None:
+    if not HEADER_NAME.match(name):
+        return "is not a valid HTTP header name"
+    if lower in HOP_BY_HOP or lower == "content-length":
+        return "cannot be set: the sidecar frames each request itself"
+    if _CONTROL.search(value):
+        return "has a line break or control character in its value"
+    return None
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ redirects, auto headers, tracing, request and response objects with many
 options. A proxy needs none of that, and on the hot path it cost more CPU than
 everything else the sidecar does per request. This module keeps the parts of
 aiohttp that are hard to get right — the C response parser with its flow
-control and read timeout (`ResponseHandler`), the resolver and happy-eyeballs
-connect, and aiohttp's connection errors, so `upstream_errors.classify` reads
+control and read timeout (`ResponseHandler`), the resolver (with a 10 s cache)
+and happy-eyeballs connect, and aiohttp's connection errors, so `upstream_errors.classify` reads
 them as before — and adds only what a proxy needs:
 
 - `ConnectionPool`: keep-alive connections of one identity, most recently used
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 import time
@@ -42,7 +43,10 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Replayable on a fresh connection when a reused one turns out closed (RFC 9112 9.3.1).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 READ_BUFSIZE = 2**16
+DNS_TTL = 10.0  # seconds a lookup of the upstream's name is reused (as aiohttp's connector)
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried in parallel (RFC 8305)
 CLOSE_WAIT = 1.0  # seconds close() waits for the connections' TLS close
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # in a head, besides CR LF
 _STALE = (
     aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
@@ -71,6 +75,10 @@ class UpstreamConnection(ResponseHandler):
 
     async def drain(self) -> None:
         await self._drain_helper()
+
+    def idle(self) -> None:
+        """Between requests no read timer runs (a body writer may have armed one late)."""
+        self._drop_timeout()
 
 
 class UpstreamResponse:
@@ -133,13 +141,15 @@ class ConnectionPool:
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._host, self._port, self._ssl = host, port, ssl_context
-        self._server_hostname = server_hostname or host
+        self._server_hostname = (server_hostname or host).rstrip(".")  # an FQDN's root dot
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._limit, self._keepalive = limit, keepalive
         self._host_header = host if port == 443 else f"{host}:{port}"
         if ":" in host:  # an IPv6 literal
             self._host_header = f"[{host}]" if port == 443 else f"[{host}]:{port}"
         self._resolver = DefaultResolver()  # the one aiohttp's connector uses
+        self._dns: tuple[float, list[Any]] | None = None  # (valid until, addresses)
+        self._dns_lock = asyncio.Lock()
         self._key = ConnectionKey(host, port, True, ssl_context, None, None, None)
         self._idle: list[UpstreamConnection] = []  # most recently used last
         self._busy: set[UpstreamConnection] = set()
@@ -229,14 +239,19 @@ class ConnectionPool:
             lines.append("Content-Length: 0\r\n")
         lines.append("\r\n")
         text = "".join(lines)
-        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-            # The parser and the config checks keep CR/LF out; this keeps a request single.
-            raise ValueError("a header name or value holds a line break")
+        if (
+            text.count("\n") != len(lines)
+            or text.count("\r") != len(lines)
+            or _CONTROL.search(text) is not None
+        ):
+            # The parser and the config checks keep these out; this keeps a request single.
+            raise ValueError("a header name or value holds a line break or control character")
         return text.encode("utf-8")
 
     # ---------------------------------------------------------------- the pool
 
     async def _acquire(self, fresh: bool = False) -> UpstreamConnection:
+        requeued = False
         while True:
             if self.closed:
                 raise aiohttp.ClientConnectionError("the connection pool is closed")
@@ -258,7 +273,11 @@ class ConnectionPool:
                 self._idle.pop(0).close()  # the oldest idle one makes room
                 continue
             waiter = self._loop.create_future()
-            self._waiters.append(waiter)
+            if requeued:  # woken, but a newcomer took the slot: first in line again
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
+            requeued = True
             try:
                 await waiter  # _wake() pops it first: no search in a long queue
             except asyncio.CancelledError:
@@ -271,24 +290,25 @@ class ConnectionPool:
         self._connecting += 1
         try:
             conn = await self._connect()
+        except BaseException:
+            self._wake()  # the slot is free again
+            raise
         finally:
             self._connecting -= 1
-            self._wake()
         self._busy.add(conn)
         return conn
 
     async def _connect(self) -> UpstreamConnection:
         try:
             async with asyncio.timeout(self._connect_timeout):
+                infos = await self._addresses()
                 try:
-                    hosts = await self._resolver.resolve(
-                        self._host, self._port, family=socket.AF_UNSPEC
+                    sock = await aiohappyeyeballs.start_connection(
+                        infos,
+                        happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+                        interleave=1,
+                        loop=self._loop,
                     )
-                except OSError as exc:
-                    raise aiohttp.ClientConnectorDNSError(self._key, exc) from exc
-                infos = [_addr_info(h["host"], h["port"]) for h in hosts]
-                try:
-                    sock = await aiohappyeyeballs.start_connection(infos, loop=self._loop)
                     _, conn = await self._loop.create_connection(
                         lambda: UpstreamConnection(self._loop, self._lost),
                         sock=sock,
@@ -309,9 +329,24 @@ class ConnectionPool:
             ) from exc
         return conn
 
+    async def _addresses(self) -> list[Any]:
+        """The upstream's addresses: looked up at most every ``DNS_TTL`` s, one lookup at once."""
+        async with self._dns_lock:
+            if self._dns is None or time.monotonic() >= self._dns[0]:
+                try:
+                    hosts = await self._resolver.resolve(
+                        self._host, self._port, family=socket.AF_UNSPEC
+                    )
+                except OSError as exc:
+                    raise aiohttp.ClientConnectorDNSError(self._key, exc) from exc
+                infos = [_addr_info(h["host"], h["port"]) for h in hosts]
+                self._dns = (time.monotonic() + DNS_TTL, infos)
+            return self._dns[1]
+
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         self._busy.discard(conn)
         if reusable and not self.closed and conn.is_connected():
+            conn.idle()
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
             if self._sweeper is None:
@@ -355,6 +390,8 @@ class ConnectionPool:
 
     async def close(self) -> None:
         """Close every connection; requests still running lose theirs."""
+        if not self.closed:
+            await self._resolver.close()  # aiodns's holds a channel
         self.closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -396,8 +433,16 @@ async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunk
         if chunked:
             conn.send(b"0\r\n\r\n")
         conn.start_timeout()
-    except Exception as exc:
+    except aiohttp.ClientConnectionResetError:
+        return False  # the connection is going: its loss tells the reader why (a TLS alert)
+    except (OSError, aiohttp.ClientError) as exc:
         conn.set_exception(exc)  # the response read raises it; the connection is not reused
+        return False
+    except Exception as exc:
+        # E.g. the client's malformed body: a failed upstream exchange, not a sidecar bug.
+        failed = aiohttp.ClientConnectionError(f"the request body could not be read: {exc}")
+        failed.__cause__ = exc
+        conn.set_exception(failed)
         return False
     return True
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import json
 import socket
 import ssl
@@ -164,6 +165,22 @@ async def test_client_certificate_rejected(
     assert upstream.handshake_errors, "the server never saw (and refused) our certificate"
     assert upstream.requests == []
     assert upstream.errors == []
+
+
+async def test_client_certificate_rejected_during_an_upload(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    # TLS 1.3: the alert arrives while the body is being written; the write that finds the
+    # connection closing must not hide the alert behind a "reset".
+    ctx = server_context(
+        pki, client_ca=pki.other_ca.cert_pem(), maximum_version=ssl.TLSVersion.TLSv1_3
+    )
+    with TLSServer(ctx, respond) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/upload", "POST", data=io.BytesIO(b"x" * (4 << 20)))
+    error = assert_sidecar_error(answer, "client_certificate_rejected")
+    assert "unknown_ca" in error["message"]
+    assert upstream.handshake_errors and upstream.requests == []
 
 
 async def test_tls13_post_handshake_authentication(

@@ -25,13 +25,18 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from aiohttp.resolver import ThreadedResolver
 from multidict import CIMultiDict
 
 from sidecar import upstream_http
+from sidecar.config import parse_upstream
+from sidecar.errors import ConfigError
 from sidecar.identity import client_ssl_context, read_bundle
+from sidecar.sources import Loaded
+from sidecar.upstream import route_target
 from sidecar.upstream_errors import classify
 from sidecar.upstream_http import ConnectionPool, UpstreamResponse
-from tests.conftest import PKI
+from tests.conftest import PKI, route_config
 from tests.tls_servers import IO_TIMEOUT, TLSServer, server_context
 from tests.upstreams import FakeUpstream, pattern_chunks, pattern_sha256
 
@@ -820,3 +825,132 @@ async def test_a_cancelled_waiter_passes_its_turn_on(
     # The turn passed on: the second request gets the one connection, at once.
     assert await asyncio.wait_for(second, 1) == (200, b"ok")
     assert pool.open_connections() == 1
+
+
+# ------------------------------------------------------------------ after review
+
+
+@pytest.mark.parametrize("value", ["a\x01b", "a\x7fb", "a\x00b"], ids=["soh", "del", "nul"])
+async def test_a_control_character_in_a_header_is_refused(
+    server: HTTPServer, make_pool: PoolFactory, value: str
+) -> None:
+    pool = make_pool(server.port)
+    with pytest.raises(ValueError, match="control character"):
+        await pool.request("GET", "/", CIMultiDict([("X-Bad", value)]), None)
+    assert server.connections == 0
+    tab = CIMultiDict([("X-Tab", "a\tb")])  # a tab is a legal field character
+    assert await exchange(pool, "GET", "/", tab) == (200, b"ok")
+
+
+async def test_a_request_body_that_fails_oddly_is_an_upstream_failure_not_a_crash(
+    server: HTTPServer, make_pool: PoolFactory
+) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"part"
+        await asyncio.sleep(0.01)
+        raise RuntimeError("malformed chunked body")
+
+    pool = make_pool(server.port)
+    with pytest.raises(aiohttp.ClientConnectionError) as caught:
+        response = await pool.request("POST", "/", CIMultiDict(), broken())
+        await response.read()
+        response.release()
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert classify(caught.value, upstream="u").code == "upstream_connect_failed"
+    await eventually(lambda: not pool.busy and pool.open_connections() == 0)
+
+
+async def test_waiters_are_served_in_arrival_order(
+    server: HTTPServer, make_pool: PoolFactory
+) -> None:
+    pool = make_pool(server.port, limit=1)
+    held = await pool.request("GET", "/", CIMultiDict(), None)
+    await held.read()
+    order: list[str] = []
+
+    async def fetch(name: str) -> None:
+        assert await get(pool, f"/{name}") == (200, b"ok")
+        order.append(name)
+
+    loop = asyncio.get_running_loop()
+    waiting = [loop.create_task(fetch(name)) for name in ("a", "b", "c", "d")]
+    await asyncio.sleep(0.05)
+    held.release()
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert order == ["a", "b", "c", "d"]
+    assert server.connections == 1
+
+
+async def test_the_upstream_name_is_looked_up_once_for_a_burst(
+    server: HTTPServer, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[str] = []
+
+    class Counting(ThreadedResolver):
+        async def resolve(self, host: str, port: int = 0, family: Any = 0) -> Any:
+            lookups.append(host)
+            await asyncio.sleep(0.02)  # concurrent connects overlap the lookup
+            return await super().resolve(host, port, family)
+
+    monkeypatch.setattr(upstream_http, "DefaultResolver", Counting)
+    pool = make_pool(server.port, limit=5)
+    answers = await asyncio.gather(*(get(pool, "/slow") for _ in range(5)))
+    assert answers == [(200, b"ok")] * 5
+    assert server.connections == 5
+    assert lookups == ["127.0.0.1"]
+
+
+async def test_a_trailing_dot_in_the_server_name_is_not_sent(
+    server: HTTPServer, make_pool: PoolFactory
+) -> None:
+    # The demo PKI's server certificate names "localhost"; the FQDN form must match it.
+    pool = make_pool(server.port, server_hostname="localhost.")
+    assert await get(pool) == (200, b"ok")
+
+
+# ------------------------------------------------------------------ headers a route may set
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("Content-Length", "5", "frames each request itself"),
+        ("Transfer-Encoding", "chunked", "frames each request itself"),
+        ("Connection", "close", "frames each request itself"),
+        ("X-Bad Name", "1", "not a valid HTTP header name"),
+        ("X-Bad:Name", "1", "not a valid HTTP header name"),
+        ("X-Ctl", "a\x01b", "control character"),
+        ("X-Split", "a\r\nX-Injected: 1", "line break"),
+    ],
+)
+def test_a_destination_header_that_would_break_framing_is_refused(
+    bundle_file: Path, ca_file: Path, name: str, value: str, problem: str
+) -> None:
+    route = route_config("https://api.example.com", bundle_file, ca_file)
+    loaded = Loaded(
+        identity=read_bundle(pem=bundle_file).identity(),
+        upstream=parse_upstream("https://api.example.com"),
+        headers={name: value},
+    )
+    with pytest.raises(ConfigError, match=problem) as caught:
+        route_target(route, loaded, "routes[0]")
+    assert caught.value.args[0].startswith(f"routes[0]: the header {name!r}")
+
+
+def test_route_headers_replace_destination_headers_whatever_their_case(
+    bundle_file: Path, ca_file: Path
+) -> None:
+    route = route_config(
+        "https://api.example.com", bundle_file, ca_file, headers={"x-tenant": "route"}
+    )
+    loaded = Loaded(
+        identity=read_bundle(pem=bundle_file).identity(),
+        headers={"X-Tenant": "destination", "X-Other": "kept"},
+    )
+    target = route_target(route, loaded)
+    assert dict(target.set_headers) == {
+        "x-tenant": "route",
+        "X-Other": "kept",
+        "successfactors-companyid": "ACME1234",
+    }
+    assert {"x-tenant", "x-other", "successfactors-companyid"} <= target.drop
