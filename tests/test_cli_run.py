@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -90,13 +91,20 @@ def sidecar_env() -> dict[str, str]:
 class SidecarProcess:
     """``python -m sidecar ARGS`` with stdout and stderr collected by a thread."""
 
-    def __init__(self, *args: str, cwd: Path) -> None:
+    def __init__(self, *args: str, cwd: Path, open_files: int | None = None) -> None:
         self.lines: list[str] = []
         self.listening = threading.Event()
+
+        def limit_files() -> None:  # in the child, before exec: as a container starts it
+            if open_files is not None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", *args],
             cwd=cwd,
             env=sidecar_env(),
+            preexec_fn=limit_files,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -195,6 +203,53 @@ def test_run_serves_a_request_end_to_end(served: Served) -> None:
     (cert, *_) = served.upstream.peer_certs
     assert dict(pair[0] for pair in cert["subject"])["commonName"] == "sidecar-technical-user"  # type: ignore[attr-defined]
     assert "Traceback" not in served.process.output
+
+
+def test_run_raises_a_low_open_files_limit_and_holds_many_connections(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """Started with a soft limit of 128 open files, as some containers are: 300 clients."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-files limit here is {hard}")
+    write_files(tmp_path, pki)
+    clients = 300
+    with TLSServer(server_context(pki), respond) as upstream:
+        port = free_port()
+        config = write_config(tmp_path, upstream=upstream.url, port=port)
+        process = SidecarProcess("run", "-c", str(config), cwd=tmp_path, open_files=128)
+        try:
+            process.wait_listening()
+            limits = Path(f"/proc/{process.proc.pid}/limits").read_text()
+            soft = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+            assert int(soft.split()[3]) > clients + 100, soft
+            answers = _many_at_once(port, clients)
+        finally:
+            process.stop()
+    assert answers == [200] * clients
+    assert "Too many open files" not in process.output
+    assert "Traceback" not in process.output
+
+
+def _many_at_once(port: int, n: int) -> list[int]:
+    """Open ``n`` connections first, then send a request on each: all are open at once."""
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
+    try:
+        for i, conn in enumerate(conns):
+            conn.sendall(b"GET /many/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % i)
+        statuses = []
+        for conn in conns:
+            answer = b""
+            while b"\r\n" not in answer:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            statuses.append(int(answer.split(b" ", 2)[1]) if answer else 0)
+        return statuses
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def test_healthcheck_against_a_running_sidecar(served: Served, tmp_path: Path) -> None:
