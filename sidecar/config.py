@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.errors import ConfigError, UsageError
+from sidecar.headers import FRAMING, HEADER_NAME
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_CONFIG_NAME = "sidecar.yaml"
@@ -218,7 +219,6 @@ class RouteFlags:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -528,6 +528,11 @@ class _Reader:
             sub = _join(path, key)
             if headers and not HEADER_NAME.match(key):
                 raise self.fail(sub, item, f"{key!r} is not a valid HTTP header name")
+            if headers and key.lower() in FRAMING:
+                raise self.fail(
+                    sub, item, "cannot be set: the sidecar frames each request itself",
+                    "remove it; the sidecar sends Content-Length or chunked framing as needed",
+                )  # fmt: skip
             value = self.string(sub, item, required=False)
             if value is None:
                 raise self.fail(sub, item, "needs a value")

@@ -40,6 +40,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.config import RouteConfig
+from sidecar.headers import HOP_BY_HOP
 from sidecar.logs import access_logger, redact_query
 from sidecar.metrics import RouteStats
 from sidecar.rewrite import (
@@ -51,7 +52,6 @@ from sidecar.rewrite import (
     should_rewrite,
 )
 from sidecar.upstream import (
-    HOP_BY_HOP,
     REQUEST_ID_HEADER,
     TOKEN_HEADER,
     Target,

@@ -12,11 +12,11 @@ import asyncio
 import datetime as dt
 import functools
 import logging
-import re
 from dataclasses import dataclass
 
-from sidecar.config import HEADER_NAME, RouteConfig, UpstreamURL
+from sidecar.config import RouteConfig, UpstreamURL
 from sidecar.errors import ConfigError
+from sidecar.headers import header_problem
 from sidecar.identity import ClientIdentity, client_ssl_context
 from sidecar.rewrite import upstream_bases
 from sidecar.sources import Loaded
@@ -31,19 +31,6 @@ RETIRE_POLL = 0.2  # seconds between checks whether a retired pool is idle
 
 
 COMPANY_ID_HEADER = "successfactors-companyid"
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 TOKEN_HEADER = "X-Sidecar-Token"
 REQUEST_ID_HEADER = "X-Request-ID"
 
@@ -67,8 +54,8 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
     # One value per name, whatever its case; the route's config wins over the source.
     headers = {k.lower(): (k, v) for k, v in loaded.headers.items()}
     headers.update({k.lower(): (k, v) for k, v in route.headers.items()})
-    for lower, (name, value) in headers.items():
-        problem = _header_problem(lower, name, value)
+    for name, value in headers.values():
+        problem = header_problem(name, value)
         if problem is not None:
             raise ConfigError(
                 f"{where}: the header {name!r} (from headers or the destination's "
@@ -84,19 +71,6 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
         query={**loaded.query, **route.query},
         rewrite_bases=upstream_bases(upstream, route.rewrite_hosts) if route.rewrite_links else (),
     )
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (tab is fine)
-
-
-def _header_problem(lower: str, name: str, value: str) -> str | None:
-    if not HEADER_NAME.match(name):
-        return "is not a valid HTTP header name"
-    if lower in HOP_BY_HOP or lower == "content-length":
-        return "cannot be set: the sidecar frames each request itself"
-    if _CONTROL.search(value):
-        return "has a line break or control character in its value"
-    return None
 
 
 @dataclass(frozen=True)

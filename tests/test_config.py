@@ -766,6 +766,16 @@ def test_invalid_header_name(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["Content-Length", "transfer-encoding", "Connection", "TE"])
+def test_framing_headers_cannot_be_set(name: str) -> None:
+    expect_error(
+        route(f"headers: {{'{name}': '5'}}\n"),
+        f"routes[0].headers.{name}",
+        3,
+        "cannot be set: the sidecar frames each request itself",
+    )
+
+
 @pytest.mark.parametrize("value", [r'"a\nb"', r'"a\rb"', r'"a\0b"'])
 def test_header_value_with_line_break(value: str) -> None:
     expect_error(
