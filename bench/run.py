@@ -47,8 +47,8 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------ installation
 
 
-def have_module(name: str) -> bool:
-    r = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True)
+def have_module(name: str, python: str = sys.executable) -> bool:
+    r = subprocess.run([python, "-c", f"import {name}"], capture_output=True)
     return r.returncode == 0
 
 
@@ -736,13 +736,13 @@ def first_line(argv: list[str]) -> str:
     return ((r.stdout or r.stderr).strip().splitlines() or ["?"])[0]
 
 
-def py_version(module: str) -> str:
+def py_version(module: str, python: str = sys.executable) -> str:
     code = f"import importlib.metadata as m; print(m.version({module!r}))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([python, "-c", code], capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else "not installed"
 
 
-def machine_facts() -> dict[str, str]:
+def machine_facts(python: str) -> dict[str, str]:
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -759,9 +759,9 @@ def machine_facts() -> dict[str, str]:
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
         "kernel": platform.release(),
-        "python": platform.python_version(),
-        "aiohttp": py_version("aiohttp"),
-        "uvloop": py_version("uvloop"),
+        "python (the sidecar's)": first_line([python, "--version"]).removeprefix("Python "),
+        "aiohttp": py_version("aiohttp", python),
+        "uvloop": py_version("uvloop", python),
         "openssl (python)": ssl.OPENSSL_VERSION,
         "nginx": first_line(["nginx", "-v"]).replace("nginx version: ", ""),
         "wrk": first_line(["wrk", "-v"]).split(" [")[0],
@@ -815,7 +815,7 @@ def start_all(
     wait_http(f"https://127.0.0.1:{direct_port}/small.json", upstream, logf, ctx=ca_ctx)
 
     variants: list[Variant] = []
-    uvloop_ok = have_module("uvloop")
+    uvloop_ok = have_module("uvloop", args.python)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     sidecars = [("sc-asyncio", "sidecar asyncio", SIDECAR_PURE, "asyncio")]
     if uvloop_ok:
@@ -849,9 +849,9 @@ def start_all(
             text = text.replace(f"@{k}@", str(v))
         cfg.write_text(text)
         if loop == "asyncio":
-            argv = [sys.executable, "-c", ASYNCIO_LAUNCHER, "run", "-c", str(cfg)]
+            argv = [args.python, "-c", ASYNCIO_LAUNCHER, "run", "-c", str(cfg)]
         else:
-            argv = [sys.executable, "-m", "sidecar", "run", "-c", str(cfg)]
+            argv = [args.python, "-m", "sidecar", "run", "-c", str(cfg)]
         logf = tmp / f"{key}.log"
         server = procs.start(label, argv, cpu=server_cpu, log_file=logf, env=env, cwd=tmp)
         wait_http(f"http://127.0.0.1:{port}/-/ready", server, logf)
@@ -894,7 +894,7 @@ def run_bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
         log("fewer than 2 CPUs: no pinning")
     else:
         os.sched_setaffinity(0, {0})  # this script too stays off the servers' core
-    facts = machine_facts()
+    facts = machine_facts(args.python)
     log(f"load average at start: {facts['load average at start']}")
     upstream, variants, sizes, info = start_all(args, tmp, procs, server_cpu)
     if args.variants:
@@ -1233,6 +1233,12 @@ def main() -> None:
         help="seconds to wait after the load before the last RSS and fd reading (the "
         "sidecar closes idle upstream connections after 30 s); 0 skips it",
     )
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter that runs the sidecar (with the package and its speed extra "
+        "installed), e.g. a venv of another Python version; default: this one",
+    )
     p.add_argument("--top", type=int, default=20, help="functions shown by --profile")
     p.add_argument(
         "--profile-cell",
@@ -1256,7 +1262,7 @@ def main() -> None:
     if not args.no_install:
         ensure_tools(need_pyspy=args.profile is not None)
     if args.profile is not None and args.profile_variant is None:
-        args.profile_variant = "sc-uvloop" if have_module("uvloop") else "sc-asyncio"
+        args.profile_variant = "sc-uvloop" if have_module("uvloop", args.python) else "sc-asyncio"
     sys.path.insert(0, str(REPO))
 
     def on_signal(signum: int, _frame: Any) -> None:
