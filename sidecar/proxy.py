@@ -162,7 +162,6 @@ class RouteProxy:
         self._token = token.encode() if token else None
         self._unavailable = unavailable
         self._query_values = query_values
-        self._server_hostname = route.tls.server_name
         self._max_body = route.limits.max_body
 
     def token_ok(self, request: web.BaseRequest) -> bool:
