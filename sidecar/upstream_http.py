@@ -217,6 +217,8 @@ class ConnectionPool:
                 message, payload = await conn.read()
                 if not 100 <= message.code < 200 or message.code == 101:
                     break  # 1xx interim answers are not relayed (Expect is ours)
+                if writer is None or writer.done():  # else the writer starts it at the end
+                    conn.start_timeout()  # the parser stopped it at the interim answer's end
         except BaseException:
             if writer is not None:
                 writer.cancel()

@@ -117,6 +117,11 @@ class HTTPServer(TLSServer):
                 else:
                     conn.unwrap()  # close_notify, then the TCP close in _serve
                 return
+            if path == b"/hints-stall":  # an interim answer, then nothing
+                conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+                while conn.recv(65536):  # until the client gives up
+                    pass
+                return
             if path == b"/hints":
                 conn.sendall(
                     b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
@@ -954,3 +959,15 @@ def test_route_headers_replace_destination_headers_whatever_their_case(
         "successfactors-companyid": "ACME1234",
     }
     assert {"x-tenant", "x-other", "successfactors-companyid"} <= target.drop
+
+
+async def test_the_read_timeout_runs_again_after_an_interim_answer(
+    server: HTTPServer, make_pool: PoolFactory
+) -> None:
+    pool = make_pool(server.port, read_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(aiohttp.ServerTimeoutError) as caught:
+        await pool.request("GET", "/hints-stall", CIMultiDict(), None)
+    assert time.monotonic() - started < 3
+    assert classify(caught.value, upstream="u").kind == "timeout"
+    await eventually(lambda: not pool.busy and pool.open_connections() == 0)
