@@ -211,7 +211,7 @@ class ConnectionPool:
             conn.start_timeout()
         else:
             # The body streams while the response is awaited: an upstream may answer early.
-            writer = self._loop.create_task(_send_body(conn, body, chunked))
+            writer = self._loop.create_task(_send_body(conn, body, chunked, self._read_timeout))
         try:
             while True:
                 message, payload = await conn.read()
@@ -421,8 +421,13 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()  # a reset while closing is no news
 
 
-async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool) -> bool:
-    """Stream the request body with the transport's back-pressure; False if it failed."""
+async def _send_body(
+    conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool, stall: float | None
+) -> bool:
+    """Stream the request body with the transport's back-pressure; False if it failed.
+
+    An upstream that stops reading for ``stall`` seconds (timeouts.read) ends the upload.
+    """
     try:
         async for chunk in body:
             if not chunk:
@@ -431,12 +436,19 @@ async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunk
                 conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
             else:
                 conn.send(chunk)
-            await conn.drain()
+            if conn.writing_paused:
+                async with asyncio.timeout(stall):
+                    await conn.drain()
         if chunked:
             conn.send(b"0\r\n\r\n")
         conn.start_timeout()
     except aiohttp.ClientConnectionResetError:
         return False  # the connection is going: its loss tells the reader why (a TLS alert)
+    except TimeoutError:
+        conn.set_exception(
+            aiohttp.ServerTimeoutError(f"the upstream stopped reading the body for {stall:g}s")
+        )
+        return False
     except (OSError, aiohttp.ClientError) as exc:
         conn.set_exception(exc)  # the response read raises it; the connection is not reused
         return False

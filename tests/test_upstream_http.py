@@ -89,6 +89,9 @@ class HTTPServer(TLSServer):
                 return  # the client closed between requests
             head = head[:-4]
             self.requests.append(head)
+            if head.split(b" ", 2)[1] == b"/no-read":  # takes the head, never the body
+                self.close_now.wait(IO_TIMEOUT)
+                return
             wire, body = _read_body(buffer, head)
             self.wire.append(wire)
             self.bodies.append(body)
@@ -970,4 +973,25 @@ async def test_the_read_timeout_runs_again_after_an_interim_answer(
         await pool.request("GET", "/hints-stall", CIMultiDict(), None)
     assert time.monotonic() - started < 3
     assert classify(caught.value, upstream="u").kind == "timeout"
+    await eventually(lambda: not pool.busy and pool.open_connections() == 0)
+
+
+async def test_an_upstream_that_stops_reading_an_upload_times_out(
+    server: HTTPServer, make_pool: PoolFactory
+) -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        chunk = b"x" * 65536
+        for _ in range(4096):  # 256 MiB at most: far beyond the socket buffers
+            yield chunk
+
+    pool = make_pool(server.port, read_timeout=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(aiohttp.ServerTimeoutError, match="stopped reading"):
+            response = await pool.request("POST", "/no-read", CIMultiDict(), endless())
+            response.release()
+        assert time.monotonic() - started < 5
+    finally:
+        server.close_now.set()
+    assert classify(aiohttp.ServerTimeoutError("x"), upstream="u").kind == "timeout"
     await eventually(lambda: not pool.busy and pool.open_connections() == 0)
