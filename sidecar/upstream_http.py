@@ -5,9 +5,10 @@ redirects, auto headers, tracing, request and response objects with many
 options. A proxy needs none of that, and on the hot path it cost more CPU than
 everything else the sidecar does per request. This module keeps the parts of
 aiohttp that are hard to get right — the C response parser with its flow
-control and read timeout (`ResponseHandler`), the resolver (with a 10 s cache)
-and happy-eyeballs connect, and aiohttp's connection errors, so `upstream_errors.classify` reads
-them as before — and adds only what a proxy needs:
+control and read timeout (`ResponseHandler`), the resolver (with a 10 s
+cache) and happy-eyeballs connect, and aiohttp's connection errors, so that
+`upstream_errors.classify` reads them as before — and adds only what a proxy
+needs:
 
 - `ConnectionPool`: keep-alive connections of one identity, most recently used
   first, at most ``limit`` open (callers wait for a slot), idle ones closed
