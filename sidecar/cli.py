@@ -28,6 +28,7 @@ from sidecar.identity import Bundle, client_ssl_context, read_bundle, read_passw
 from sidecar.logs import setup_logging
 from sidecar.probe import probe as run_probe
 from sidecar.sources import CredentialSource, Loaded, source_for
+from sidecar.upstream import route_target
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -138,6 +139,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
             loaded = asyncio.run(_load_once(source))
             identity = loaded.identity
             client_ssl_context(identity, ca_file=route.tls.ca_file)
+            target = route_target(route, loaded, f"routes[{i}]")  # as `run` applies it
         except SidecarError as exc:
             click.echo(f"  ERROR:        {exc}")
             click.echo(f"mtls-sidecar: error: routes[{i}] ({route.name}): {exc}", err=True)
@@ -152,7 +154,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
         click.echo(f"  chain length: {s['chain_length']}")
         click.echo("  key matches:  yes")
         if probe:
-            result = asyncio.run(run_probe(route, identity))
+            result = asyncio.run(run_probe(route, identity, target))
             click.echo(f"  probe:        handshake {result.handshake}; HTTP status "
                        f"{result.status if result.status is not None else '-'}")  # fmt: skip
             verdict = "ACCEPTED" if result.accepted else "NOT ACCEPTED"

@@ -13,9 +13,9 @@ from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
 from sidecar.identity import ClientIdentity, client_ssl_context
-from sidecar.upstream import COMPANY_ID_HEADER
+from sidecar.proxy import merge_query
+from sidecar.upstream import Target, route_pool
 from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
-from sidecar.upstream_http import ConnectionPool
 
 
 @dataclass(frozen=True)
@@ -26,33 +26,24 @@ class ProbeResult:
     message: str
 
 
-async def probe(route: RouteConfig, identity: ClientIdentity) -> ProbeResult:
-    assert route.upstream is not None
-    url = f"{route.upstream}/"
-    headers: CIMultiDict[str] = CIMultiDict(route.headers)
-    if route.company_id:
-        headers[COMPANY_ID_HEADER] = route.company_id
+async def probe(route: RouteConfig, identity: ClientIdentity, target: Target) -> ProbeResult:
+    """GET the upstream's root as the proxy would send it (``route_target`` merged)."""
+    upstream = target.upstream
+    url = f"{upstream}/"
+    query = merge_query("", target.query)
+    path = f"{upstream.path_prefix}/" + (f"?{query}" if query else "")
     ctx = client_ssl_context(identity, ca_file=route.tls.ca_file)
     # The same client as the proxy's, so the probe tries what requests will do.
-    pool = ConnectionPool(
-        route.upstream.host,
-        route.upstream.port,
-        ctx,
-        server_hostname=route.tls.server_name,
-        connect_timeout=route.timeouts.connect,
-        read_timeout=30,
-        limit=1,
-        keepalive=1,
-    )
+    pool = route_pool(route, target, ctx, read_timeout=30, limit=1, keepalive=1)
     try:
-        response = await pool.request("GET", f"{route.upstream.path_prefix}/", headers, None)
+        response = await pool.request("GET", path, CIMultiDict(target.set_headers), None)
         try:
             await response.read()
         finally:
             response.release()
         status = response.status
     except Exception as exc:
-        fail = classify(exc, upstream=str(route.upstream))
+        fail = classify(exc, upstream=str(upstream))
         rejected = fail.code == CLIENT_CERTIFICATE_REJECTED
         return ProbeResult(
             accepted=False,
@@ -63,7 +54,7 @@ async def probe(route: RouteConfig, identity: ClientIdentity) -> ProbeResult:
     finally:
         await pool.close()
     handshake = "completed"
-    ssl_object = ctx.last_connection(route.tls.server_name or route.upstream.host)
+    ssl_object = ctx.last_connection(route.tls.server_name or upstream.host)
     if ssl_object is not None and ssl_object.version():
         cipher = ssl_object.cipher()
         handshake = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()

@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import functools
 import logging
+import ssl
 from dataclasses import dataclass
 
 from sidecar.config import RouteConfig, UpstreamURL
@@ -73,6 +74,31 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
     )
 
 
+def route_pool(
+    route: RouteConfig,
+    target: Target,
+    ssl_context: ssl.SSLContext,
+    *,
+    read_timeout: float | None = None,
+    limit: int = POOL_LIMIT,
+    keepalive: float = KEEPALIVE,
+) -> ConnectionPool:
+    """A pool to ``target``'s upstream with the route's TLS name and timeouts.
+
+    ``read_timeout`` defaults to the route's ``timeouts.read``.
+    """
+    return ConnectionPool(
+        target.upstream.host,
+        target.upstream.port,
+        ssl_context,
+        server_hostname=route.tls.server_name,
+        connect_timeout=route.timeouts.connect,
+        read_timeout=route.timeouts.read if read_timeout is None else read_timeout,
+        limit=limit,
+        keepalive=keepalive,
+    )
+
+
 @dataclass(frozen=True)
 class Generation:
     """One identity, where it sends requests, and the pool that presents it."""
@@ -99,15 +125,8 @@ class UpstreamClient:
 
     def install(self, identity: ClientIdentity, target: Target) -> Generation:
         """Start presenting ``identity``; the previous pool retires gracefully."""
-        pool = ConnectionPool(
-            target.upstream.host,
-            target.upstream.port,
-            client_ssl_context(identity, ca_file=self.route.tls.ca_file),
-            server_hostname=self.route.tls.server_name,
-            connect_timeout=self.route.timeouts.connect,
-            read_timeout=self.route.timeouts.read,
-            limit=POOL_LIMIT,
-            keepalive=KEEPALIVE,
+        pool = route_pool(
+            self.route, target, client_ssl_context(identity, ca_file=self.route.tls.ca_file)
         )
         old, self.current = (
             self.current,

@@ -271,3 +271,17 @@ async def test_run_with_destination_flags_in_a_subprocess(tmp_path):
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def test_check_probe_through_a_destination(tmp_path):
+    """The URL and the company id come from the destination, as `run` would use them."""
+    async with sf_behind_destination(tmp_path, FakeBTP()) as (sf, key):
+        result = await asyncio.to_thread(
+            CliRunner().invoke,
+            main,
+            ["check", "--probe", "--destination", NAME, "--service-key", str(key),
+             "--ca-file", str(sf.pki.ca_file)],
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "certificate:  ACCEPTED" in result.output  # the fake answers 401 without the id
+    assert "probe:        handshake TLSv1" in result.output
