@@ -25,6 +25,7 @@ from sidecar.config import (
     TLSConfig,
     parse_upstream,
 )
+from sidecar.demo import FakeUpstream, demo_config, fake_successfactors
 from sidecar.pki import CA, Issued
 from sidecar.server import Sidecar
 
@@ -169,3 +170,30 @@ async def start_sidecar() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     yield start
     for s in started:
         await s.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
+    """Poll the async ``check`` until it is true; fail with ``what`` after ``within`` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {within}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Demo:
+    upstream: FakeUpstream
+    url: str  # the sidecar, http://127.0.0.1:PORT
+
+
+@pytest.fixture
+async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
+    """The demo (fake SuccessFactors and the sidecar) in this test's event loop."""
+    async with fake_successfactors(tmp_path / "sf") as upstream:
+        sidecar = Sidecar(demo_config(upstream, 0), env={})
+        await sidecar.start()
+        try:
+            yield Demo(upstream, f"http://{sidecar.bound_address(sidecar.routes[0])}")
+        finally:
+            await sidecar.close()

@@ -26,7 +26,7 @@ from sidecar import __version__
 from sidecar.config import CredentialsConfig, InboundConfig
 from sidecar.pki import Issued
 from sidecar.sources import FileSource
-from tests.conftest import PKI, Running, key_material, route_config
+from tests.conftest import PKI, Running, eventually, key_material, route_config
 from tests.upstreams import FakeUpstream
 
 TOKEN = "t" * 32
@@ -157,14 +157,6 @@ async def fetch(client: aiohttp.ClientSession, url: str, method: str = "GET") ->
     async with client.request(method, url) as resp:
         await resp.read()
         return resp.status
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def hex_digits(fingerprint: str) -> str:

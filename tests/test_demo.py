@@ -18,8 +18,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +27,9 @@ from yarl import URL
 
 from sidecar.demo import DEMO_COMPANY_ID, FakeUpstream, demo_config, fake_successfactors
 from sidecar.server import Sidecar
+from tests.conftest import Demo
 
 START_TIMEOUT = 20.0
-
-
-@dataclass
-class Demo:
-    upstream: FakeUpstream
-    url: str  # the sidecar's http://127.0.0.1:PORT
-
-
-@pytest.fixture
-async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
-    async with fake_successfactors(tmp_path) as upstream:
-        sidecar = Sidecar(demo_config(upstream, 0), env={})
-        await sidecar.start()
-        try:
-            yield Demo(upstream, f"http://{sidecar.bound_address(sidecar.routes[0])}")
-        finally:
-            await sidecar.close()
 
 
 async def get_json(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> Any:

@@ -33,8 +33,8 @@ import pytest
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.demo import DEMO_COMPANY_ID, FakeUpstream, demo_config, fake_successfactors
-from sidecar.server import Sidecar
+from sidecar.demo import DEMO_COMPANY_ID, FakeUpstream, fake_successfactors
+from tests.conftest import Demo
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -310,29 +310,17 @@ def healthcheck_against(url: str) -> list[str]:
     return entrypoint() + command[1:]
 
 
-@pytest.fixture
-async def demo(tmp_path: Path) -> AsyncIterator[str]:
-    """The demo (fake SuccessFactors and the sidecar) in this test's loop; its base URL."""
-    async with fake_successfactors(tmp_path / "sf") as upstream:
-        sidecar = Sidecar(demo_config(upstream, 0), env={})
-        await sidecar.start()
-        try:
-            yield f"http://{sidecar.bound_address(sidecar.routes[0])}"
-        finally:
-            await sidecar.close()
-
-
 async def test_entrypoint_prints_the_version():
     code, out, err = await execute([*entrypoint(), "--version"])
     assert code == 0, err
     assert out.strip() == f"mtls-sidecar, version {__version__}"
 
 
-async def test_healthcheck_command_passes_against_a_ready_demo(demo: str):
-    code, out, err = await execute(healthcheck_against(f"{demo}/-/ready"))
+async def test_healthcheck_command_passes_against_a_ready_demo(demo: Demo):
+    code, out, err = await execute(healthcheck_against(f"{demo.url}/-/ready"))
     assert code == 0, err
     assert "ready" in out
-    code, _, err = await execute(healthcheck_against(f"{demo}/-/health"))
+    code, _, err = await execute(healthcheck_against(f"{demo.url}/-/health"))
     assert code == 0, err
 
 

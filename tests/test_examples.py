@@ -34,9 +34,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from sidecar.cli import main
 from sidecar.config import Config, parse_config
-from sidecar.demo import FakeUpstream, demo_config, fake_successfactors
-from sidecar.server import Sidecar
-from tests.conftest import PKI
+from tests.conftest import PKI, Demo
 from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -500,23 +498,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Demo:
-    upstream: FakeUpstream
-    url: str  # the sidecar, http://127.0.0.1:PORT
-
-
-@pytest.fixture
-async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
-    async with fake_successfactors(tmp_path / "sf") as upstream:
-        sidecar = Sidecar(demo_config(upstream, 0), env={})
-        await sidecar.start()
-        try:
-            yield Demo(upstream, f"http://{sidecar.bound_address(sidecar.routes[0])}")
-        finally:
-            await sidecar.close()
 
 
 def script_env(**extra: str) -> dict[str, str]:

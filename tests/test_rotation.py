@@ -39,7 +39,7 @@ from sidecar.certinfo import fingerprint
 from sidecar.config import CredentialsConfig, Timeouts
 from sidecar.pki import Issued
 from sidecar.sources import FILE_POLL_INTERVAL, FileSource
-from tests.conftest import PKI, Running, route_config
+from tests.conftest import PKI, Running, eventually, route_config
 
 FAST_POLL = 0.1  # seconds; for tests about what happens once a change is noticed
 FILES_WITHIN = 5.0  # DESIGN/issue 4: a replaced file is in use within 5 s
@@ -241,14 +241,6 @@ async def wait_for_serial(
             return loop.time() - start
         await asyncio.sleep(0.02)
     raise AssertionError(f"serial {serial:x} not seen within {within}s (still {seen:x})")
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def admin_json(client: aiohttp.ClientSession, url: str, path: str) -> dict[str, Any]:
