@@ -138,7 +138,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
             click.echo(f"  credentials:  {source.description}")
             loaded = asyncio.run(_load_once(source))
             identity = loaded.identity
-            client_ssl_context(identity, ca_file=route.tls.ca_file)
+            ctx = client_ssl_context(identity, ca_file=route.tls.ca_file)
             target = route_target(route, loaded, f"routes[{i}]")  # as `run` applies it
         except SidecarError as exc:
             click.echo(f"  ERROR:        {exc}")
@@ -154,7 +154,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
         click.echo(f"  chain length: {s['chain_length']}")
         click.echo("  key matches:  yes")
         if probe:
-            result = asyncio.run(run_probe(route, identity, target))
+            result = asyncio.run(run_probe(route, ctx, target))
             click.echo(f"  probe:        handshake {result.handshake}; HTTP status "
                        f"{result.status if result.status is not None else '-'}")  # fmt: skip
             verdict = "ACCEPTED" if result.accepted else "NOT ACCEPTED"

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
-from sidecar.identity import ClientIdentity, client_ssl_context
 from sidecar.proxy import merge_query
+from sidecar.tls_sessions import ResumingContext
 from sidecar.upstream import Target, route_pool
 from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
 
@@ -26,13 +26,12 @@ class ProbeResult:
     message: str
 
 
-async def probe(route: RouteConfig, identity: ClientIdentity, target: Target) -> ProbeResult:
+async def probe(route: RouteConfig, ctx: ResumingContext, target: Target) -> ProbeResult:
     """GET the upstream's root as the proxy would send it (``route_target`` merged)."""
     upstream = target.upstream
     url = f"{upstream}/"
     query = merge_query("", target.query)
     path = f"{upstream.path_prefix}/" + (f"?{query}" if query else "")
-    ctx = client_ssl_context(identity, ca_file=route.tls.ca_file)
     # The same client as the proxy's, so the probe tries what requests will do.
     pool = route_pool(route, target, ctx, read_timeout=30, limit=1, keepalive=1)
     try:
