@@ -192,29 +192,33 @@ class RouteProxy:
             pool, target, path = self._prepare(request)
         except _Refused as refused:
             return self._finish(ex, self._answer(ex, refused.code, refused.message, refused.hint))
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            # Checks passed: invite the body (a refusal above is answered without it).
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        headers = filter_headers(request.headers, target.drop)
-        headers.extend(target.set_headers)
-        if target.rewrite_bases and "Accept-Encoding" in headers:
-            # Ask only for encodings the rewriter can decode (Postman also offers br).
-            accept = decodable_accept_encoding(headers["Accept-Encoding"])
-            if accept is not None:
-                headers["Accept-Encoding"] = accept
-        headers[REQUEST_ID_HEADER] = ex.request_id
-        body = None
-        if request.body_exists:
-            body = _request_body(request.content, self._max_body, self.route.timeouts.read)
-        try:
-            upstream = await pool.request(request.method, path, headers, body)
-        except Exception as exc:  # the one table decides; unknown ones propagate
-            body_error = _client_body_error(exc)
-            if body_error is not None:
-                refusal = self._answer(ex, body_error.code, body_error.message)
-                refusal.force_close()  # the rest of the body is not read
-                return self._finish(ex, refusal)
-            return self._finish(ex, self._failed(ex, classify(exc, upstream=str(target.upstream))))
+        # Until the request holds an upstream connection, the pool counts it as a user,
+        # so a credential swap in between cannot retire the pool under it.
+        with pool.in_use():
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # Checks passed: invite the body (a refusal above is answered without it).
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            headers = filter_headers(request.headers, target.drop)
+            headers.extend(target.set_headers)
+            if target.rewrite_bases and "Accept-Encoding" in headers:
+                # Ask only for encodings the rewriter can decode (Postman also offers br).
+                accept = decodable_accept_encoding(headers["Accept-Encoding"])
+                if accept is not None:
+                    headers["Accept-Encoding"] = accept
+            headers[REQUEST_ID_HEADER] = ex.request_id
+            body = None
+            if request.body_exists:
+                body = _request_body(request.content, self._max_body, self.route.timeouts.read)
+            try:
+                upstream = await pool.request(request.method, path, headers, body)
+            except Exception as exc:  # the one table decides; unknown ones propagate
+                body_error = _client_body_error(exc)
+                if body_error is not None:
+                    refusal = self._answer(ex, body_error.code, body_error.message)
+                    refusal.force_close()  # the rest of the body is not read
+                    return self._finish(ex, refusal)
+                fail = classify(exc, upstream=str(target.upstream))
+                return self._finish(ex, self._failed(ex, fail))
         ex.upstream_time = time.perf_counter() - ex.started
         try:
             response = await self._relay(ex, upstream, target)

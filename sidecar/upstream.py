@@ -142,9 +142,7 @@ class UpstreamClient:
 
     async def _close_when_idle(self, pool: ConnectionPool) -> None:
         # Requests in flight finish on the old connections, however long a download takes:
-        # each read is bounded by timeouts.read, so a stalled one ends on its own. The first
-        # wait also lets a request that took the old pool just before the swap reach it.
-        await asyncio.sleep(RETIRE_POLL)
+        # each read is bounded by timeouts.read, so a stalled one ends on its own.
         while pool.busy:
             await asyncio.sleep(RETIRE_POLL)
         await pool.close()

@@ -28,7 +28,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohappyeyeballs
@@ -155,6 +155,7 @@ class ConnectionPool:
         self._idle: list[UpstreamConnection] = []  # most recently used last
         self._busy: set[UpstreamConnection] = set()
         self._connecting = 0
+        self._users = 0  # callers inside in_use()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
@@ -384,9 +385,18 @@ class ConnectionPool:
                 self._loop.time() + max(0.0, oldest - deadline), self._sweep
             )
 
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Count a caller that took this pool as busy until it holds a connection."""
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+
     @property
     def busy(self) -> bool:
-        return bool(self._busy) or self._connecting > 0
+        return bool(self._busy) or self._connecting > 0 or self._users > 0
 
     def open_connections(self) -> int:
         return len(self._busy) + len(self._idle)

@@ -33,7 +33,8 @@ from sidecar.config import parse_upstream
 from sidecar.errors import ConfigError
 from sidecar.identity import client_ssl_context, read_bundle
 from sidecar.sources import Loaded
-from sidecar.upstream import route_target
+from sidecar.tasks import TaskGroup
+from sidecar.upstream import RETIRE_POLL, UpstreamClient, route_target
 from sidecar.upstream_errors import classify
 from sidecar.upstream_http import ConnectionPool, UpstreamResponse
 from tests.conftest import PKI, route_config
@@ -995,3 +996,24 @@ async def test_an_upstream_that_stops_reading_an_upload_times_out(
         server.close_now.set()
     assert classify(aiohttp.ServerTimeoutError("x"), upstream="u").kind == "timeout"
     await eventually(lambda: not pool.busy and pool.open_connections() == 0)
+
+
+async def test_a_retired_pool_waits_for_a_request_that_took_it_before_the_swap(
+    bundle_file: Path, ca_file: Path
+) -> None:
+    """Between taking the pool and holding a connection (e.g. while 100 Continue is written)."""
+    route = route_config("https://127.0.0.1:9", bundle_file, ca_file)
+    loaded = Loaded(identity=read_bundle(pem=bundle_file).identity())
+    tasks = TaskGroup()
+    client = UpstreamClient(route, tasks)
+    try:
+        old = client.install(loaded.identity, route_target(route, loaded))
+        with old.pool.in_use():
+            assert old.pool.busy
+            client.install(loaded.identity, route_target(route, loaded))  # retires the old
+            await asyncio.sleep(4 * RETIRE_POLL)
+            assert not old.pool.closed  # the request can still use it
+        await eventually(lambda: old.pool.closed, within=2.0)
+    finally:
+        await client.close()
+        await tasks.close()
