@@ -28,7 +28,7 @@ from sidecar.config import (
     TLSConfig,
 )
 from sidecar.demo import FakeUpstream, fake_successfactors
-from tests.conftest import PKI
+from tests.conftest import PKI, eventually
 from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
 NAME = "sap_hcmcloud_core_odata"
@@ -90,13 +90,6 @@ async def sf_behind_destination(
             await btp.runner.cleanup()
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_users_through_a_destination_with_its_company_id_header(tmp_path, start_sidecar):
     async with sf_behind_destination(tmp_path, FakeBTP()) as (sf, key):
         running = await start_sidecar(destination_route(key, sf.pki.ca_file))
@@ -133,7 +126,7 @@ async def test_service_down_at_start_then_up(tmp_path, start_sidecar, monkeypatc
                 async with client.get(f"{running.url}/-/ready") as resp:
                     return resp.status == 200
 
-            await wait_for(ready)
+            await eventually(ready, within=10.0, what="the route ready once the service is up")
             assert fake.destination_calls + fake.token_calls > calls
             async with client.get(f"{running.url}/odata/v2/User?$top=1") as resp:
                 assert resp.status == 200
@@ -179,7 +172,7 @@ async def test_a_rotated_destination_certificate_reaches_the_upstream(
                 return await serial() == new.cert.serial_number
 
             started = time.monotonic()
-            await wait_for(rotated, timeout=5)
+            await eventually(rotated, within=5.0, what="the rotated certificate upstream")
             elapsed = time.monotonic() - started
         assert failures == 0
         assert elapsed < 3, elapsed  # refresh is 1 s
