@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -170,6 +171,14 @@ async def start_sidecar() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     yield start
     for s in started:
         await s.close()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (bound, noted, closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from sidecar import __version__
 from sidecar.config import CredentialsConfig, InboundConfig
 from sidecar.pki import Issued
 from sidecar.sources import FileSource
-from tests.conftest import PKI, Running, eventually, key_material, route_config
+from tests.conftest import PKI, Running, eventually, free_port, key_material, route_config
 from tests.upstreams import FakeUpstream
 
 TOKEN = "t" * 32
@@ -34,14 +33,6 @@ PASSWORD = "admin-test key password 7f3a"
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @dataclass
@@ -82,7 +73,7 @@ async def serve(
         if dead:
             routes.append(
                 route_config(
-                    f"https://127.0.0.1:{closed_port()}",
+                    f"https://127.0.0.1:{free_port()}",
                     bundle or bundle_file,
                     ca_file,
                     name="dead",

@@ -30,7 +30,7 @@ import pytest
 from click.testing import CliRunner
 
 from sidecar.cli import main
-from tests.conftest import PKI
+from tests.conftest import PKI, free_port
 from tests.tls_servers import TLSServer, answer, read_request, respond, server_context
 
 START_TIMEOUT = 20.0  # seconds for a fresh interpreter to import and bind
@@ -38,13 +38,6 @@ SHUTDOWN = 5.0  # timeouts.shutdown of the configs below
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def write_files(directory: Path, pki: PKI) -> tuple[Path, Path]:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from yarl import URL
 
 from sidecar.demo import DEMO_COMPANY_ID, FakeUpstream, demo_config, fake_successfactors
 from sidecar.server import Sidecar
-from tests.conftest import Demo
+from tests.conftest import Demo, free_port
 
 START_TIMEOUT = 20.0
 
@@ -140,13 +139,6 @@ async def test_authentication_failed_passes_through_with_a_helpful_log(
 
 
 # ----------------------------------------------------------------- the command
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def test_demo_command_serves_users_and_stops_on_sigint(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +27,7 @@ from sidecar.config import (
     TLSConfig,
 )
 from sidecar.demo import FakeUpstream, fake_successfactors
-from tests.conftest import PKI, eventually
+from tests.conftest import PKI, eventually, free_port
 from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
 NAME = "sap_hcmcloud_core_odata"
@@ -48,12 +47,6 @@ def service_key(path: Path, url: str) -> Path:
         )
     )
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def destination_route(

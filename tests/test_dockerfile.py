@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -34,7 +33,7 @@ from aiohttp import web
 
 from sidecar import __version__
 from sidecar.demo import DEMO_COMPANY_ID, FakeUpstream, fake_successfactors
-from tests.conftest import Demo
+from tests.conftest import Demo, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -286,12 +285,6 @@ def entrypoint() -> list[str]:
     found = str(beside) if beside.exists() else shutil.which(name)
     assert found, f"{name} is not installed: python3 -m pip install -e ."
     return [found, *rest]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def execute(argv: list[str], timeout: float = 30) -> tuple[int, str, str]:

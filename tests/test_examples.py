@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from sidecar.cli import main
 from sidecar.config import Config, parse_config
-from tests.conftest import PKI, Demo
+from tests.conftest import PKI, Demo, free_port
 from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -492,12 +491,6 @@ def test_cloud_foundry_requirements_name_the_wheel_of_this_version():
 
 
 # ------------------------------------------- scripts and app against the demo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def script_env(**extra: str) -> dict[str, str]:

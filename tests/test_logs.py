@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from sidecar.config import Config, CredentialsConfig, InboundConfig, LogConfig, 
 from sidecar.logs import JsonFormatter, TextFormatter, access_logger, redact_query, setup_logging
 from sidecar.pki import Issued
 from sidecar.server import Sidecar
-from tests.conftest import PKI, key_material, route_config
+from tests.conftest import PKI, free_port, key_material, route_config
 from tests.upstreams import FakeUpstream
 
 PASSWORD = "log-test key password 91c2"
@@ -141,13 +140,6 @@ def write_private(path: Path, data: bytes) -> None:
     path.chmod(0o600)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def secrets_of(issued: Issued, *pems: bytes) -> list[str]:
     """Strings that must never appear in a log."""
     secrets = [PASSWORD, OTHER_PASSWORD, TOKEN, WRONG_TOKEN, UPSTREAM_BEARER]
@@ -216,7 +208,7 @@ async def session(
         routes = (
             route_config(upstream, bundle, ca_file, name="main", **common),
             route_config(
-                f"https://127.0.0.1:{closed_port()}", bundle, ca_file, name="dead", **common
+                f"https://127.0.0.1:{free_port()}", bundle, ca_file, name="dead", **common
             ),
         )
         log_config = LogConfig(level="debug", format=fmt, query_values=query_values)

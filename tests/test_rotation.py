@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,7 +38,7 @@ from sidecar.certinfo import fingerprint
 from sidecar.config import CredentialsConfig, Timeouts
 from sidecar.pki import Issued
 from sidecar.sources import FILE_POLL_INTERVAL, FileSource
-from tests.conftest import PKI, Running, eventually, route_config
+from tests.conftest import PKI, Running, eventually, free_port, route_config
 
 FAST_POLL = 0.1  # seconds; for tests about what happens once a change is noticed
 FILES_WITHIN = 5.0  # DESIGN/issue 4: a replaced file is in use within 5 s
@@ -519,13 +518,6 @@ def rewrite_in_place_keeping_stat(path: Path, data: bytes) -> None:
         before.st_size,
         before.st_mtime_ns,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def sidecar_env() -> dict[str, str]:

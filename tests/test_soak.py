@@ -15,7 +15,6 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import PKI
+from tests.conftest import PKI, free_port
 
 LARGE = 1024 * 1024
 CONNECTIONS = 50
@@ -43,12 +42,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def soak_app(serials: list[int]) -> web.Application:

@@ -34,7 +34,7 @@ from yarl import URL
 import sidecar.upstream_http
 from sidecar.config import InboundConfig, Timeouts
 from sidecar.upstream_errors import ERROR_CODES, Failure, classify
-from tests.conftest import PKI, load_chain, route_config
+from tests.conftest import PKI, free_port, load_chain, route_config
 from tests.tls_servers import (
     ResetServer,
     TLSServer,
@@ -119,14 +119,6 @@ def assert_sidecar_error(answer: Answer, code: str) -> dict[str, str]:
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["hint"], str) and error["hint"]
     return dict(error)
-
-
-def free_port() -> int:
-    """A port nothing listens on: bound, noted, closed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def ok_app() -> web.Application:

@@ -37,7 +37,7 @@ from sidecar.tasks import TaskGroup
 from sidecar.upstream import RETIRE_POLL, UpstreamClient, route_target
 from sidecar.upstream_errors import classify
 from sidecar.upstream_http import ConnectionPool, UpstreamResponse
-from tests.conftest import PKI, route_config
+from tests.conftest import PKI, free_port, route_config
 from tests.tls_servers import IO_TIMEOUT, TLSServer, server_context
 from tests.upstreams import FakeUpstream, pattern_chunks, pattern_sha256
 
@@ -238,13 +238,6 @@ async def exchange(
 
 async def get(pool: ConnectionPool, target: str = "/") -> tuple[int, bytes]:
     return await exchange(pool, "GET", target, CIMultiDict())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # ------------------------------------------------------------------ fixtures
