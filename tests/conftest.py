@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -171,6 +173,27 @@ async def start_sidecar() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     yield start
     for s in started:
         await s.close()
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write key material as a user should keep it: mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def sidecar_env() -> dict[str, str]:
+    """This environment without SIDECAR_* variables, unbuffered: for sidecar processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp client (modules that need other options define their own)."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 def free_port() -> int:

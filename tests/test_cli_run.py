@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
-import os
 import resource
 import signal
 import socket
@@ -30,7 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 from sidecar.cli import main
-from tests.conftest import PKI, free_port
+from tests.conftest import PKI, free_port, sidecar_env
 from tests.tls_servers import TLSServer, answer, read_request, respond, server_context
 
 START_TIMEOUT = 20.0  # seconds for a fresh interpreter to import and bind
@@ -73,12 +72,6 @@ routes:
         encoding="utf-8",
     )
     return path
-
-
-def sidecar_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 class SidecarProcess:

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from sidecar.cli import main
 from sidecar.config import Config, parse_config
-from tests.conftest import PKI, Demo, free_port
+from tests.conftest import PKI, Demo, free_port, write_private
 from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,12 +123,6 @@ def config_in(rel: str, filename: str = "sidecar.yaml") -> Example:
 
 
 # ----------------------------------------------------------- generating files
-
-
-def write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(0o600)
 
 
 def materialize(example: Example, tmp_path: Path, pki: PKI) -> Path:

@@ -30,7 +30,7 @@ from sidecar.config import Config, CredentialsConfig, InboundConfig, LogConfig, 
 from sidecar.logs import JsonFormatter, TextFormatter, access_logger, redact_query, setup_logging
 from sidecar.pki import Issued
 from sidecar.server import Sidecar
-from tests.conftest import PKI, free_port, key_material, route_config
+from tests.conftest import PKI, free_port, key_material, route_config, write_private
 from tests.upstreams import FakeUpstream
 
 PASSWORD = "log-test key password 91c2"
@@ -135,11 +135,6 @@ def restore_logging() -> Iterator[None]:
     access_logger.disabled = saved[3]
 
 
-def write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    path.chmod(0o600)
-
-
 def secrets_of(issued: Issued, *pems: bytes) -> list[str]:
     """Strings that must never appear in a log."""
     secrets = [PASSWORD, OTHER_PASSWORD, TOKEN, WRONG_TOKEN, UPSTREAM_BEARER]
@@ -165,12 +160,6 @@ class Session:
     output: str
     sent: list[Sent]
     bundle: Path
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def wait_for_reloads(sidecar: Sidecar, before: list[dict[str, str | None]]) -> list[str]:

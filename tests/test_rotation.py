@@ -38,7 +38,7 @@ from sidecar.certinfo import fingerprint
 from sidecar.config import CredentialsConfig, Timeouts
 from sidecar.pki import Issued
 from sidecar.sources import FILE_POLL_INTERVAL, FileSource
-from tests.conftest import PKI, Running, eventually, free_port, route_config
+from tests.conftest import PKI, Running, eventually, free_port, route_config, sidecar_env
 
 FAST_POLL = 0.1  # seconds; for tests about what happens once a change is noticed
 FILES_WITHIN = 5.0  # DESIGN/issue 4: a replaced file is in use within 5 s
@@ -518,12 +518,6 @@ def rewrite_in_place_keeping_stat(path: Path, data: bytes) -> None:
         before.st_size,
         before.st_mtime_ns,
     )
-
-
-def sidecar_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 async def test_sighup_to_a_running_process_loads_the_file_at_once(
