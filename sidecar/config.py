@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.errors import ConfigError, UsageError
-from sidecar.headers import FRAMING, HEADER_NAME
+from sidecar.headers import header_problem
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_CONFIG_NAME = "sidecar.yaml"
@@ -526,18 +526,15 @@ class _Reader:
         out: dict[str, str] = {}
         for key, item in v.value.items():
             sub = _join(path, key)
-            if headers and not HEADER_NAME.match(key):
-                raise self.fail(sub, item, f"{key!r} is not a valid HTTP header name")
-            if headers and key.lower() in FRAMING:
-                raise self.fail(
-                    sub, item, "cannot be set: the sidecar frames each request itself",
-                    "remove it; the sidecar sends Content-Length or chunked framing as needed",
-                )  # fmt: skip
             value = self.string(sub, item, required=False)
             if value is None:
                 raise self.fail(sub, item, "needs a value")
             if "\r" in value or "\n" in value or "\0" in value:
                 raise self.fail(sub, item, "must not contain line breaks or NUL")
+            # The rules a destination's headers meet too (sidecar.headers).
+            problem = header_problem(key, value) if headers else None
+            if problem is not None:
+                raise self.fail(sub, item, f"{key!r} {problem}")
             out[key.lower() if headers else key] = value
         return out
 

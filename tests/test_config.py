@@ -776,6 +776,15 @@ def test_framing_headers_cannot_be_set(name: str) -> None:
     )
 
 
+def test_header_value_with_a_control_character() -> None:
+    expect_error(
+        route('headers: {x-a: "a\\x01b"}\n'),
+        "routes[0].headers.x-a",
+        3,
+        "'x-a' has a line break or control character in its value",
+    )
+
+
 @pytest.mark.parametrize("value", [r'"a\nb"', r'"a\rb"', r'"a\0b"'])
 def test_header_value_with_line_break(value: str) -> None:
     expect_error(
