@@ -28,7 +28,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohappyeyeballs
@@ -125,6 +125,21 @@ class UpstreamResponse:
         self._pool.release(conn, reusable=clean and not conn.should_close)
 
 
+class _InUse:
+    """The context of `ConnectionPool.in_use` (a class: no allocation per request)."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    def __enter__(self) -> None:
+        self._pool._users += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool._users -= 1
+
+
 class ConnectionPool:
     """Keep-alive mTLS connections to one upstream, presenting one identity."""
 
@@ -156,6 +171,7 @@ class ConnectionPool:
         self._busy: set[UpstreamConnection] = set()
         self._connecting = 0
         self._users = 0  # callers inside in_use()
+        self._in_use = _InUse(self)  # no per-use state: one serves every request
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
@@ -385,14 +401,9 @@ class ConnectionPool:
                 self._loop.time() + max(0.0, oldest - deadline), self._sweep
             )
 
-    @contextlib.contextmanager
-    def in_use(self) -> Iterator[None]:
-        """Count a caller that took this pool as busy until it holds a connection."""
-        self._users += 1
-        try:
-            yield
-        finally:
-            self._users -= 1
+    def in_use(self) -> _InUse:
+        """``with pool.in_use():`` counts a caller as busy until it holds a connection."""
+        return self._in_use
 
     @property
     def busy(self) -> bool:
