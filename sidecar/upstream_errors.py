@@ -28,6 +28,9 @@ BAD_REQUEST = "bad_request"
 INTERNAL_ERROR = "internal_error"  # a bug in the sidecar; never expected
 REQUEST_TOO_LARGE = "request_too_large"  # routes[].limits.max_body
 REQUEST_TIMEOUT = "request_timeout"  # a request body that stalls longer than timeouts.read
+UPSTREAM_BAD_RESPONSE = "upstream_bad_response"  # framing, an unexpected 101, a corrupt body
+NOT_FOUND = "not_found"  # an unknown admin path
+METHOD_NOT_ALLOWED = "method_not_allowed"  # a method an admin path does not take
 
 #: status and default hint of every code the sidecar answers itself
 ERROR_CODES: dict[str, tuple[int, str]] = {
@@ -64,6 +67,13 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     INTERNAL_ERROR: (500, "please report this with the sidecar's log lines"),
     REQUEST_TOO_LARGE: (413, "send a smaller body, or raise limits.max_body"),
     REQUEST_TIMEOUT: (408, "send the request body without pausing longer than timeouts.read"),
+    UPSTREAM_BAD_RESPONSE: (
+        502,
+        "the upstream's answer broke HTTP/1.1 (framing, an unexpected 101 or a corrupt "
+        "compressed body): check what runs at the upstream URL, or report it to its owner",
+    ),
+    NOT_FOUND: (404, "the admin endpoints are health, ready, status and metrics"),
+    METHOD_NOT_ALLOWED: (405, "admin endpoints answer GET (and HEAD) only"),
 }
 
 # OpenSSL reasons of TLS alerts a server sends when it does not accept the
@@ -116,6 +126,52 @@ def rejection_alert(exc: BaseException) -> str | None:
             for alert in _REJECTION_ALERTS:
                 if alert in upper:
                     return alert.removeprefix("ALERT_").lower()
+    return None
+
+
+# nginx never fails the handshake over a client certificate: it answers 400 with
+# one of these titles (its internal codes 495/496, which other servers send as is).
+_NGINX_REFUSALS = (b"No required SSL certificate was sent", b"The SSL certificate error")
+_CERT_STATUSES = {495: "SSL Certificate Error", 496: "SSL Certificate Required"}
+#: statuses whose answer may hold a certificate refusal: read this much of the body
+REFUSAL_STATUSES = frozenset({400, 401, 403, *_CERT_STATUSES})
+REFUSAL_PEEK = 4096
+
+
+@dataclass(frozen=True)
+class HttpRefusal:
+    """An HTTP answer that refuses the client certificate (or, ``certain=False``, may)."""
+
+    status: int
+    title: str
+    certain: bool  # False: 401/403 from the API, which may also mean a wrong company id
+
+    def failure(self, upstream: str) -> Failure:
+        return failure(
+            CLIENT_CERTIFICATE_REJECTED,
+            f"{upstream} refused the client certificate (HTTP {self.status} {self.title})",
+            "client_cert",
+        )
+
+
+def http_refusal(status: int, body_head: bytes = b"") -> HttpRefusal | None:
+    """Whether an upstream answer refuses the client certificate at the HTTP level.
+
+    ``body_head`` is at most `REFUSAL_PEEK` bytes of the (decoded) body; only a
+    400 needs it. The proxy turns the ``certain`` ones into 502
+    ``client_certificate_rejected`` and passes 401/403 through (they carry the
+    API's own explanation); ``check --probe`` and the rotation probe count both
+    as rejections.
+    """
+    if status in _CERT_STATUSES:
+        return HttpRefusal(status, _CERT_STATUSES[status], certain=True)
+    if status == 400:
+        for title in _NGINX_REFUSALS:
+            if title in body_head:
+                return HttpRefusal(status, title.decode(), certain=True)
+        return None
+    if status in (401, 403):
+        return HttpRefusal(status, "Unauthorized" if status == 401 else "Forbidden", False)
     return None
 
 
