@@ -46,6 +46,15 @@ class Target:
     query: dict[str, str]
     rewrite_bases: tuple[bytes, ...]  # upstream URLs to rewrite; empty: rewriting is off
 
+    @property
+    def company_id(self) -> str | None:
+        """The company id sent, whatever the case of its name (a destination may send
+        ``SuccessFactors-CompanyId``)."""
+        for name, value in self.set_headers:
+            if name.lower() == COMPANY_ID_HEADER:
+                return value
+        return None
+
 
 def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Target:
     """Merge the route's config with what the source said; the config wins."""
