@@ -27,10 +27,8 @@ import itertools
 import logging
 import os
 import re
-import socket
-import struct
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
@@ -41,11 +39,13 @@ from yarl import URL
 
 from sidecar.config import RouteConfig
 from sidecar.headers import HOP_BY_HOP
+from sidecar.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
 from sidecar.logs import access_logger, redact_query
 from sidecar.metrics import RouteStats
 from sidecar.rewrite import (
     BodyDecodeError,
     BodyRewriter,
+    Decoder,
     decodable_accept_encoding,
     local_origin,
     rewritten_headers,
@@ -62,20 +62,22 @@ from sidecar.upstream_errors import (
     CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
+    INTERNAL_ERROR,
+    REFUSAL_PEEK,
     REQUEST_TIMEOUT,
     REQUEST_TOO_LARGE,
-    UPSTREAM_CONNECT_FAILED,
+    UPSTREAM_BAD_RESPONSE,
     Failure,
     classify,
     error_response,
     failure,
+    http_refusal,
 )
 from sidecar.upstream_http import ConnectionPool, UpstreamResponse
 
 log = logging.getLogger("sidecar.proxy")
 
 CHUNK = 256 * 1024
-REWRITE_CHUNK = 16 * 1024  # at most ~16 MiB once inflated
 SMALL_BODY = 64 * 1024  # bodies up to this size (known length) are sent in one write
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -141,6 +143,8 @@ class _Exchange:
     started: float
     upstream_time: float | None = None
     bytes_out: int = 0
+    response: web.StreamResponse | None = None  # once its head went out
+    recorded: bool = False  # `_record` ran: never twice
 
 
 class RouteProxy:
@@ -185,6 +189,8 @@ class RouteProxy:
             # The client went away (or shutdown gave up): logged and counted as nginx's 499.
             self._record(ex, 499)
             raise
+        except Exception as exc:  # a bug: still answered, logged, counted (issue 12)
+            return self._internal_error(ex, exc)
 
     async def _forward(self, ex: _Exchange) -> web.StreamResponse:
         request = ex.request
@@ -197,7 +203,7 @@ class RouteProxy:
         with pool.in_use():
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Checks passed: invite the body (a refusal above is answered without it).
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await send_continue(request)
             headers = filter_headers(request.headers, target.drop)
             headers.extend(target.set_headers)
             if target.rewrite_bases and "Accept-Encoding" in headers:
@@ -282,6 +288,25 @@ class RouteProxy:
         self, ex: _Exchange, upstream: UpstreamResponse, target: Target
     ) -> web.StreamResponse:
         request = ex.request
+        if upstream.status == 101:
+            # Never asked for (Upgrade is hop-by-hop and not forwarded): the connection
+            # now speaks another protocol, so it is not reused (its parser stopped).
+            return self._failed(
+                ex,
+                failure(
+                    UPSTREAM_BAD_RESPONSE,
+                    f"{target.upstream} answered 101 Switching Protocols, which the sidecar "
+                    "never asks for",
+                    "protocol",
+                ),
+            )
+        try:
+            head = await self._refusal_head(request, upstream)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self._failed(ex, self._body_failure(exc, target))
+        refusal = http_refusal(upstream.status, _decoded(head, upstream.headers))
+        if refusal is not None and refusal.certain:
+            return self._failed(ex, refusal.failure(str(target.upstream)))
         headers = filter_headers(upstream.headers, ())
         body: BodyRewriter | None = None
         if target.rewrite_bases:
@@ -294,7 +319,7 @@ class RouteProxy:
                 "login name",
                 request.method,
                 _log_path(request),
-                dict(target.set_headers).get("successfactors-companyid", "not set"),
+                target.company_id or "not set",
                 extra={"route": self.route.name, "request_id": ex.request_id},
             )
         length = upstream.content_length
@@ -303,40 +328,69 @@ class RouteProxy:
             and length <= SMALL_BODY
             and request.method != "HEAD"
             and upstream.status not in (204, 304)
+            # a compressed body may inflate ~1000-fold: it always streams, piece by piece
+            and (body is None or body.coding == "identity")
         ):
-            return await self._relay_small(ex, upstream, target, headers, body)
-        response = _RelayedStream(status=upstream.status, reason=upstream.reason, headers=headers)
-        await response.prepare(request)
-        # A compressed piece can inflate ~1000-fold: small pieces bound that memory.
-        piece = REWRITE_CHUNK if body is not None else CHUNK
-        closed = _close_watch(request, upstream)
-        try:
-            async for chunk in upstream.content.iter_chunked(piece):
-                if body is not None:
-                    chunk = body.feed(chunk)
-                await response.write(chunk)
-                ex.bytes_out += len(chunk)
+            return await self._relay_small(ex, upstream, target, headers, head, body)
+        pieces = _pieces(upstream.content, head, body)
+        async with contextlib.aclosing(pieces):
+            first = b""
             if body is not None:
-                tail = body.flush()
-                await response.write(tail)
-                ex.bytes_out += len(tail)
-            if closed is not None and closed.done() and _failed_future(closed):
-                # aiohttp ends a close-delimited body at a reset as if at a clean EOF.
-                raise aiohttp.ClientPayloadError("the upstream reset the connection mid-body")
-        except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
-            fail = self._body_failure(exc, target)
-            self.stats.upstream_error(fail.kind, fail.message)
-            log.error(
-                "upstream failed mid-response after %d bytes: %s; the client connection is "
-                "closed so the truncated body cannot look complete",
-                ex.bytes_out,
-                fail.message,
-                extra={"route": self.route.name, "request_id": ex.request_id},
+                # A body that does not decode at all still gets a proper answer.
+                try:
+                    first = await anext(pieces, b"")
+                except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
+                    return self._failed(ex, self._body_failure(exc, target))
+            response = RelayedStream(
+                status=upstream.status, reason=upstream.reason, headers=headers
             )
-            _reset(request)
-            return response
+            await response.prepare(request)
+            ex.response = response
+            closed = _close_watch(request, upstream)
+            try:
+                if first:
+                    await response.write(first)
+                    ex.bytes_out += len(first)
+                async for piece in pieces:
+                    await response.write(piece)  # waits while the client's socket is full
+                    ex.bytes_out += len(piece)
+                if closed is not None and closed.done() and _failed_future(closed):
+                    # aiohttp ends a close-delimited body at a reset as if at a clean EOF.
+                    raise aiohttp.ClientPayloadError("the upstream reset the connection mid-body")
+            except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
+                fail = self._body_failure(exc, target)
+                self.stats.upstream_error(fail.kind, fail.message)
+                log.error(
+                    "upstream failed mid-response after %d bytes: %s; the client connection "
+                    "is closed so the truncated body cannot look complete",
+                    ex.bytes_out,
+                    fail.message,
+                    extra={
+                        "route": self.route.name,
+                        "code": fail.code,
+                        "request_id": ex.request_id,
+                    },
+                )
+                reset(request)
+                return response
         await response.write_eof()
         return response
+
+    async def _refusal_head(self, request: web.BaseRequest, upstream: UpstreamResponse) -> bytes:
+        """The first `REFUSAL_PEEK` bytes of a 400 (nginx's certificate refusals are 400s).
+
+        Read here so `http_refusal` can look; they are relayed before the rest of the
+        body, so an ordinary 400 reaches the client unchanged.
+        """
+        if upstream.status != 400 or request.method == "HEAD":
+            return b""
+        head = b""
+        while len(head) < REFUSAL_PEEK:
+            more = await upstream.content.read(REFUSAL_PEEK - len(head))
+            if not more:
+                break
+            head += more
+        return head
 
     async def _relay_small(
         self,
@@ -344,26 +398,29 @@ class RouteProxy:
         upstream: UpstreamResponse,
         target: Target,
         headers: CIMultiDict[str],
+        head: bytes,
         body: BodyRewriter | None,
     ) -> web.StreamResponse:
-        """A small body of known length: read it, then answer in one write.
+        """A small identity body of known length: read it, then answer in one write.
 
         Bounded (``SMALL_BODY``), and a failure while reading it can still be
         answered with a proper error instead of a cut connection.
         """
         try:
-            data = await upstream.read()
+            data = head + await upstream.read()
             if body is not None:
-                data = body.feed(data) + body.flush()
+                data = b"".join(body.feed(data)) + body.flush()
         except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
             return self._failed(ex, self._body_failure(exc, target))
         headers.popall("Content-Length", None)  # set from the body we send
         ex.bytes_out = len(data)
-        return _Relayed(status=upstream.status, reason=upstream.reason, headers=headers, body=data)
+        return Relayed(status=upstream.status, reason=upstream.reason, headers=headers, body=data)
 
     def _body_failure(self, exc: BaseException, target: Target) -> Failure:
         if isinstance(exc, BodyDecodeError):
-            return failure(UPSTREAM_CONNECT_FAILED, f"undecodable response body: {exc}", "protocol")
+            # The zlib reason only: never the upstream's bytes.
+            message = f"{target.upstream} sent an undecodable body: {exc}"
+            return failure(UPSTREAM_BAD_RESPONSE, message, "protocol")
         return classify(exc, upstream=str(target.upstream))
 
     def _rewriting(
@@ -375,7 +432,7 @@ class RouteProxy:
     ) -> tuple[BodyRewriter | None, CIMultiDict[str]]:
         """The body rewriter (if this response needs one) and the rewritten headers."""
         try:
-            origin = local_origin(request.host)
+            origin = _client_origin(request)
         except ValueError:
             return None, headers  # no usable Host: nothing to point links at
         body = None
@@ -413,12 +470,40 @@ class RouteProxy:
         )
         return self._answer(ex, fail.code, fail.message, fail.hint)
 
+    def _internal_error(self, ex: _Exchange, exc: Exception) -> web.StreamResponse:
+        """A bug: the traceback goes to the log only; the client gets 500 ``internal_error``.
+
+        The request is still counted and logged once, so the in-flight gauge stays
+        balanced. If the answer had started, the connection is cut instead.
+        """
+        log.error(
+            "internal error while handling %s %s: %s",
+            ex.request.method,
+            _log_path(ex.request),
+            type(exc).__name__,
+            exc_info=exc,
+            extra={"route": self.route.name, "code": INTERNAL_ERROR, "request_id": ex.request_id},
+        )
+        if ex.recorded:
+            raise exc  # a failure in `_record` itself: nothing more to count
+        if ex.response is not None:
+            reset(ex.request)  # a truncated body must not look complete
+            return self._finish(ex, ex.response)
+        response = self._answer(
+            ex, INTERNAL_ERROR, "the sidecar failed to handle this request; see its log"
+        )
+        response.force_close()  # the request body may be half read
+        return self._finish(ex, response)
+
     def _finish(self, ex: _Exchange, response: web.StreamResponse) -> web.StreamResponse:
         self._record(ex, response.status)
         return response
 
     def _record(self, ex: _Exchange, status: int) -> None:
-        """The metrics and the access line of one request, whatever its outcome."""
+        """The metrics and the access line of one request, whatever its outcome (once)."""
+        if ex.recorded:
+            return
+        ex.recorded = True
         request = ex.request
         self.stats.finished(request.method, status, ex.started)
         if access_logger.disabled or not access_logger.isEnabledFor(logging.INFO):
@@ -431,7 +516,7 @@ class RouteProxy:
             "method": request.method,
             "path": path,
             "status": status,
-            "bytes_in": request.content.total_bytes,
+            "bytes_in": bytes_received(request),
             "bytes_out": ex.bytes_out,
             "duration_ms": round((time.perf_counter() - ex.started) * 1000, 2),
             "upstream_ms": None if ex.upstream_time is None else round(ex.upstream_time * 1000, 2),
@@ -443,24 +528,6 @@ class RouteProxy:
             fields,
             extra=fields,
         )
-
-
-class _RelayedStream(web.StreamResponse):
-    """A relayed answer: aiohttp invents no Content-Type or Server the upstream did not send.
-
-    (aiohttp fills both in while preparing the headers; `_prepare_headers` is
-    the one place to take them out again. aiohttp is pinned below 4.)
-    """
-
-    async def _prepare_headers(self) -> None:
-        invented = [n for n in ("Content-Type", "Server") if n not in self.headers]
-        await super()._prepare_headers()
-        for name in invented:
-            self.headers.popall(name, None)
-
-
-class _Relayed(_RelayedStream, web.Response):
-    """A small relayed answer, sent in one write."""
 
 
 class _ClientBodyError(Exception):
@@ -495,6 +562,53 @@ async def _request_body(
         yield chunk
 
 
+async def _pieces(
+    content: aiohttp.StreamReader, head: bytes, body: BodyRewriter | None
+) -> AsyncGenerator[bytes]:
+    """The answer's body to send: ``head`` (read already), then the rest as it arrives.
+
+    With a rewriter, each chunk comes out as bounded pieces (`BodyRewriter.feed`),
+    each taken only after the previous one was written.
+    """
+    chunk = head
+    while True:
+        if chunk:
+            if body is None:
+                yield chunk
+            else:
+                for piece in body.feed(chunk):
+                    yield piece
+        chunk = await content.read(CHUNK)
+        if not chunk:
+            break
+    if body is not None and (tail := body.flush()):
+        yield tail
+
+
+def _decoded(head: bytes, headers: CIMultiDictProxy[str]) -> bytes:
+    """The start of a body as text for `http_refusal` (nginx may gzip its error pages)."""
+    encoding = headers.get("Content-Encoding")
+    if not head or encoding is None:
+        return head
+    try:
+        return next(Decoder(encoding, piece=REFUSAL_PEEK).decode(head), b"")
+    except (ValueError, BodyDecodeError):  # an undecodable coding: look at the bytes as sent
+        return head
+
+
+def _client_origin(request: web.BaseRequest) -> str:
+    """The origin the client used, for the links it gets back (ValueError: none usable).
+
+    An absolute-form target (the sidecar as ``http_proxy``) names it, port included
+    (aiohttp's ``request.host`` then drops the port); else the Host header does.
+    """
+    if _absolute_form(request):
+        scheme, _, rest = request.raw_path.partition("://")
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        return local_origin(authority, scheme=scheme.lower())
+    return local_origin(request.headers.get("Host") or request.host)
+
+
 def _client_body_error(exc: BaseException) -> _ClientBodyError | None:
     current: BaseException | None = exc
     while current is not None:
@@ -523,22 +637,6 @@ def _close_watch(
 
 def _failed_future(future: asyncio.Future[None]) -> bool:
     return not future.cancelled() and future.exception() is not None
-
-
-def _reset(request: web.BaseRequest) -> None:
-    """Cut the client connection with a TCP reset, not a FIN.
-
-    After a failure mid-body, a close-delimited body (HTTP/1.0) ended by FIN would
-    look complete; a reset (SO_LINGER 0, then abort) cannot.
-    """
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 def _log_path(request: web.BaseRequest) -> str:

@@ -44,6 +44,10 @@ Choices, and why:
   deflate are decoded; any other (br, zstd, several stacked, unknown) passes
   through unchanged rather than being guessed at. `decodable_accept_encoding`
   lets the proxy ask the upstream only for codings that can be rewritten.
+- **Bounded inflation**: a compressed body is decoded in pieces of at most
+  `DECODED_PIECE` bytes, the next one only once the caller has taken the
+  last (``BodyRewriter.feed`` is a generator), so a small gzip answer that
+  inflates to gigabytes costs no more memory than an honest one.
 - **Rewritten bodies go out identity-encoded**: ``Content-Encoding`` and
   ``Content-Length`` are dropped and the body is sent chunked. Identity is
   always acceptable to an HTTP client, localhost bandwidth is free, and a
@@ -70,7 +74,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from sidecar.config import UpstreamURL
@@ -81,6 +85,9 @@ _BOUNDARY_TEXT: Final = BOUNDARY.decode("ascii")
 _BOUNDARY_CLASS: Final = b"[" + b"".join(b"\\x%02x" % c for c in BOUNDARY) + b"]"
 
 _ESCAPED_SLASH: Final = b"\\/"
+
+#: At most this many decoded bytes at a time, however far a compressed body inflates.
+DECODED_PIECE: Final = 64 * 1024
 
 _JSON_TYPES: Final = frozenset({"application/json"})
 _XML_TYPES: Final = frozenset({"application/xml", "text/xml"})
@@ -168,16 +175,20 @@ def upstream_bases(upstream: UpstreamURL, rewrite_hosts: tuple[str, ...]) -> tup
     return tuple(sorted(encoded, key=lambda b: (-len(b), b)))
 
 
-def local_origin(host_header: str) -> str:
+def local_origin(host_header: str, *, scheme: str = "http") -> str:
     """``http://`` plus the client's Host header, refused unless it is host[:port].
 
-    The value ends up inside JSON and XML bodies, so anything that could break
-    out of a string there raises ValueError.
+    ``scheme`` is the one an absolute-form target named (``http`` or
+    ``https``), kept as the client wrote it. The value ends up inside JSON and
+    XML bodies, so anything that could break out of a string there raises
+    ValueError.
     """
     host = host_header.strip()
     if not _HOST_HEADER.match(host):
         raise ValueError(f"Host header {host_header!r} is not host[:port]")
-    return f"http://{host}"
+    if scheme not in ("http", "https"):
+        raise ValueError(f"scheme {scheme!r} is not http or https")
+    return f"{scheme}://{host}"
 
 
 # ------------------------------------------------------------ the stream core
@@ -289,16 +300,22 @@ class BodyDecodeError(ValueError):
 class Decoder:
     """Streaming decoder for one decodable Content-Encoding (see `content_coding`).
 
+    Memory is bounded whatever the compression ratio: `decode` yields the
+    output in pieces of at most ``piece`` bytes, inflating the next one only
+    when the caller asks for it (zlib's ``max_length`` and
+    ``unconsumed_tail``), so a gzip bomb costs ``piece`` bytes at a time.
+
     gzip may hold several members (RFC 1952). deflate is zlib-wrapped per RFC
     9110, but some servers send raw deflate: the input is kept until the first
     output shows the zlib wrapper is right, else decoding restarts raw.
     """
 
-    def __init__(self, content_encoding: str | None) -> None:
+    def __init__(self, content_encoding: str | None, *, piece: int = DECODED_PIECE) -> None:
         coding = content_coding(content_encoding)
         if coding is None:
             raise ValueError(f"cannot decode Content-Encoding {content_encoding!r}")
         self.coding = coding
+        self._piece = piece
         self._obj = self._new()
         self._probe: bytes | None = b"" if coding == "deflate" else None
         self._seen = False
@@ -308,54 +325,65 @@ class Decoder:
             return zlib.decompressobj(16 + zlib.MAX_WBITS)
         return zlib.decompressobj(zlib.MAX_WBITS)
 
-    def decode(self, chunk: bytes) -> bytes:
-        """The decoded bytes ``chunk`` completes (possibly none)."""
-        if self.coding == "identity" or not chunk:
-            return chunk
+    def decode(self, chunk: bytes) -> Iterator[bytes]:
+        """The decoded bytes ``chunk`` completes (possibly none), piece by piece."""
+        if not chunk:
+            return
+        if self.coding == "identity":
+            yield chunk
+            return
         self._seen = True
         try:
             if self.coding == "gzip":
-                return self._gunzip(chunk)
-            return self._inflate(chunk)
+                yield from self._gunzip(chunk)
+            else:
+                yield from self._inflate(chunk)
         except zlib.error as exc:
             raise BodyDecodeError(
                 f"the upstream's {self.coding} body does not decode: {exc}"
             ) from exc
 
-    def _gunzip(self, data: bytes) -> bytes:
-        out: list[bytes] = []
+    def _drain(self, data: bytes) -> Iterator[bytes]:
+        """Inflate ``data`` with the current object, at most ``piece`` bytes per step."""
+        while not self._obj.eof:
+            out = self._obj.decompress(data, self._piece)
+            if out:
+                yield out
+            data = self._obj.unconsumed_tail
+            if not data and len(out) < self._piece:
+                return  # input used up and nothing pending inside zlib
+
+    def _gunzip(self, data: bytes) -> Iterator[bytes]:
         while data:
             if self._obj.eof:  # another member follows
                 self._obj = self._new()
-            out.append(self._obj.decompress(data))
+            yield from self._drain(data)
             data = self._obj.unused_data if self._obj.eof else b""
-        return b"".join(out)
 
-    def _inflate(self, data: bytes) -> bytes:
+    def _inflate(self, data: bytes) -> Iterator[bytes]:
         if self._probe is None:
-            return self._obj.decompress(data)
+            yield from self._drain(data)
+            return
         self._probe += data
         try:
-            out = self._obj.decompress(data)
+            out = self._obj.decompress(data, self._piece)
         except zlib.error:
             probe, self._probe = self._probe, None
             self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self._obj.decompress(probe)
+            yield from self._drain(probe)
+            return
         if out:
             self._probe = None
-        return out
+            yield out
+        yield from self._drain(self._obj.unconsumed_tail)
 
     def flush(self) -> bytes:
         """The end of the body; raises BodyDecodeError when the stream was cut short."""
         if self.coding == "identity" or not self._seen:
             return b""
-        try:
-            tail = self._obj.flush()
-        except zlib.error as exc:  # pragma: no cover - flush after decompress rarely fails
-            raise BodyDecodeError(f"the upstream's {self.coding} body does not decode") from exc
         if not self._obj.eof:
             raise BodyDecodeError(f"the upstream's {self.coding} body ends before its stream does")
-        return tail
+        return b""  # `decode` drained every byte up to the end of the stream
 
 
 class Encoder:
@@ -386,7 +414,13 @@ class Encoder:
 
 
 class BodyRewriter:
-    """Decode, rewrite and return identity-encoded bytes, chunk by chunk."""
+    """Decode, rewrite and return identity-encoded bytes, chunk by chunk.
+
+    The output of one chunk comes as pieces of at most about ``DECODED_PIECE``
+    bytes (plus what rewriting adds), each decoded only when the previous one
+    was taken: the caller writes them with back-pressure and memory stays
+    bounded however far the body inflates.
+    """
 
     def __init__(
         self, bases: tuple[bytes, ...], local_origin: str, content_encoding: str | None
@@ -394,13 +428,21 @@ class BodyRewriter:
         self._decoder = Decoder(content_encoding)
         self._rewriter = StreamRewriter(bases, local_origin.encode("utf-8"))
 
-    def feed(self, chunk: bytes) -> bytes:
-        """Rewritten bytes for ``chunk``; raises BodyDecodeError on a corrupt body."""
-        return self._rewriter.feed(self._decoder.decode(chunk))
+    @property
+    def coding(self) -> str:
+        """The decoded Content-Encoding: ``identity``, ``gzip`` or ``deflate``."""
+        return self._decoder.coding
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """Rewritten pieces for ``chunk``; raises BodyDecodeError on a corrupt body."""
+        for piece in self._decoder.decode(chunk):
+            if out := self._rewriter.feed(piece):
+                yield out
 
     def flush(self) -> bytes:
         """The rest of the body; raises BodyDecodeError when it was cut short."""
-        return self._rewriter.feed(self._decoder.flush()) + self._rewriter.flush()
+        self._decoder.flush()
+        return self._rewriter.flush()
 
 
 def should_rewrite(content_type: str | None, content_encoding: str | None) -> bool:

@@ -392,7 +392,7 @@ def test_should_rewrite(
 
 
 def decode_all(decoder: Decoder, data: bytes, chunk: int) -> bytes:
-    out = [decoder.decode(data[i : i + chunk]) for i in range(0, len(data), chunk)]
+    out = [b"".join(decoder.decode(data[i : i + chunk])) for i in range(0, len(data), chunk)]
     return b"".join(out) + decoder.flush()
 
 
@@ -421,6 +421,52 @@ def test_decoder_reads_every_gzip_member() -> None:
         assert decode_all(Decoder("gzip"), data, chunk) == b"one,two,three"
 
 
+def gzip_bomb(size: int) -> bytes:
+    """A gzip body that inflates to ``size`` zero bytes (about a thousandth of it)."""
+    compressor = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [compressor.compress(block) for _ in range(size >> 20)]
+    return b"".join(parts) + compressor.flush()
+
+
+def test_decoder_inflates_a_bomb_piece_by_piece() -> None:
+    bomb = gzip_bomb(64 << 20)
+    decoder = Decoder("gzip", piece=4096)
+    pieces = decoder.decode(bomb)  # one chunk that holds all 64 MiB
+    first = next(pieces)
+    assert len(first) == 4096  # the rest is inflated only when asked for
+    total = len(first)
+    for piece in pieces:
+        assert 0 < len(piece) <= 4096
+        total += len(piece)
+    assert total == 64 << 20
+    assert decoder.flush() == b""
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [
+        ("gzip", lambda b: gzip.compress(b[:1000]) + gzip.compress(b[1000:])),  # two members
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b, wbits=-zlib.MAX_WBITS)),
+    ],
+)
+def test_small_pieces_decode_and_rewrite_the_same(
+    coding: str, compress: object, piece: int
+) -> None:
+    assert callable(compress)
+    data = compress(PLAIN)
+    decoder = Decoder(coding, piece=piece)
+    assert all(len(p) <= piece for p in decoder.decode(compress(PLAIN)))
+    assert decode_all(Decoder(coding, piece=piece), data, 4096) == PLAIN
+    # links cut across pieces are still rewritten: same output as one piece
+    whole = rewrite(PLAIN)
+    rewriter = StreamRewriter(SF_BASES, LOCAL.encode())
+    out = b"".join(rewriter.feed(p) for p in Decoder(coding, piece=piece).decode(data))
+    assert out + rewriter.flush() == whole
+
+
 def test_decoder_of_an_empty_body() -> None:
     assert Decoder("gzip").flush() == b""
     assert decode_all(Decoder("gzip"), gzip.compress(b""), 3) == b""
@@ -429,7 +475,7 @@ def test_decoder_of_an_empty_body() -> None:
 @pytest.mark.parametrize("coding", ["gzip", "deflate"])
 def test_decoder_refuses_garbage(coding: str) -> None:
     with pytest.raises(BodyDecodeError, match=f"upstream's {coding} body does not decode"):
-        Decoder(coding).decode(b"\xff\xfe this is not compressed at all")
+        b"".join(Decoder(coding).decode(b"\xff\xfe this is not compressed at all"))
 
 
 @pytest.mark.parametrize(
@@ -439,7 +485,7 @@ def test_decoder_refuses_a_cut_stream(coding: str, compress: object) -> None:
     assert callable(compress)
     data = compress(PLAIN)
     decoder = Decoder(coding)
-    decoder.decode(data[: len(data) // 2])
+    b"".join(decoder.decode(data[: len(data) // 2]))
     with pytest.raises(BodyDecodeError, match="ends before its stream does"):
         decoder.flush()
 
@@ -458,10 +504,10 @@ def test_encoder_streams_what_the_decoder_reads(coding: str) -> None:
     for i in range(0, len(PLAIN), 1000):
         # sync-flushed: each encoded chunk decodes at once to what went in
         piece = PLAIN[i : i + 1000]
-        assert decoder.decode(encoder.encode(piece)) == piece
+        assert b"".join(decoder.decode(encoder.encode(piece))) == piece
         out.append(piece)
     assert encoder.encode(b"") == b""
-    assert decoder.decode(encoder.flush()) == b""
+    assert b"".join(decoder.decode(encoder.flush())) == b""
     assert decoder.flush() == b""
     if coding == "gzip":
         encoder = Encoder("gzip")
@@ -490,7 +536,7 @@ ODATA_PAGE = {
 
 def rewrite_body(data: bytes, coding: str, chunk: int) -> bytes:
     rewriter = BodyRewriter(SF_BASES, LOCAL, coding)
-    out = [rewriter.feed(data[i : i + chunk]) for i in range(0, len(data), chunk)]
+    out = [b"".join(rewriter.feed(data[i : i + chunk])) for i in range(0, len(data), chunk)]
     return b"".join(out) + rewriter.flush()
 
 
