@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import gzip
 import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -150,3 +159,168 @@ async def test_rewrite_links_false_passes_everything_unchanged(
             assert await resp.read() == sent["body"]
             assert resp.headers["Location"] == f"{up}/y"
             assert resp.headers["Content-Length"] == str(len(sent["body"]))
+
+
+# ------------------------------------------------------ compressed bodies, bounded
+
+MiB = 1024 * 1024
+BOMB_HOST = "api.bomb.example"  # a rewrite_hosts entry: the bomb's links need no port
+BOMB_LINK = f"https://{BOMB_HOST}/odata/v2/User?$skiptoken=1"
+BOMB_RSS_BOUND = 16 * MiB
+# The sidecar runs in a process of its own, so its memory is measured apart from the
+# client and the upstream that share the test's process.
+SIDECAR_CHILD = """
+import asyncio, sys
+from pathlib import Path
+from sidecar.config import Config
+from sidecar.server import Sidecar
+from tests.conftest import route_config
+
+async def main() -> None:
+    upstream, bundle, ca, host = sys.argv[1:5]
+    route = route_config(upstream, Path(bundle), Path(ca), rewrite_hosts=(host,))
+    sidecar = Sidecar(Config(routes=(route,)), env={})
+    await sidecar.start()
+    print(sidecar.bound_address(sidecar.routes[0]), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until closed
+    await sidecar.close()
+
+asyncio.run(main())
+"""
+
+
+@functools.lru_cache(maxsize=4)
+def json_bomb(size: int) -> bytes:
+    """gzip of a JSON document of ``size`` bytes: padding, then one link to rewrite."""
+    compressor = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS)
+    tail = f'","__next":"{BOMB_LINK}"}}'.encode()
+    parts = [compressor.compress(b'{"pad":"')]
+    block = b"0" * MiB
+    left = size - 8 - len(tail)
+    while left > 0:
+        parts.append(compressor.compress(block[: min(left, MiB)]))
+        left -= MiB
+    parts += [compressor.compress(tail), compressor.flush()]
+    return b"".join(parts)
+
+
+class ChildSidecar:
+    """The sidecar in a child process; its peak RSS from /proc/PID/status."""
+
+    def __init__(self, upstream: str, bundle: Path, ca: Path) -> None:
+        root = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SIDECAR_CHILD, upstream, str(bundle), str(ca), BOMB_HOST],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=root,
+        )
+        assert self.proc.stdout is not None
+        self.url = "http://" + self.proc.stdout.readline().decode().strip()
+
+    def status(self, field: str) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise LookupError(field)
+
+    def reset_peak(self) -> int:
+        """The RSS now, with the high-water mark reset to it when the kernel allows.
+
+        If it cannot be reset, the peak since start counts: a larger growth, never a
+        smaller one.
+        """
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+                f.write("5")
+        return self.status("VmRSS")
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+async def inflate_through_sidecar(
+    upstream_app: Any, bundle_file: Path, ca_file: Path, size: int, framing: str
+) -> tuple[int, float]:
+    """Send a gzip bomb of ``size`` bytes through a child sidecar: (RSS growth, seconds)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc to measure the sidecar's memory")
+    bomb = json_bomb(size)
+
+    async def warm(request: web.Request) -> web.Response:
+        # small: a large warm-up would leave freed memory that the measured request reuses
+        body = gzip.compress(json.dumps({"__next": BOMB_LINK}).encode())
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        return web.Response(body=body, headers=headers)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        )
+        if framing == "chunked":
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(bomb)
+        await response.prepare(request)
+        for i in range(0, len(bomb), 64 * 1024):
+            await response.write(bomb[i : i + 64 * 1024])
+        await response.write_eof()
+        return response
+
+    up = await upstream_app({"/bomb": handler, "/warm": warm})
+    child = await asyncio.to_thread(ChildSidecar, up, bundle_file, ca_file)
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as client:
+            # a first request loads every code path the measured one takes
+            async with client.get(f"{child.url}/warm") as resp:
+                assert await resp.json() == {"__next": f"{child.url}/odata/v2/User?$skiptoken=1"}
+            baseline = child.reset_peak()
+            started = time.perf_counter()
+            received = 0
+            tail = b""
+            async with client.get(f"{child.url}/bomb") as resp:
+                assert resp.status == 200
+                assert "Content-Encoding" not in resp.headers
+                async for chunk in resp.content.iter_chunked(MiB):
+                    received += len(chunk)
+                    tail = (tail + chunk)[-200:]
+            seconds = time.perf_counter() - started
+            growth = child.status("VmHWM") - baseline
+    finally:
+        await asyncio.to_thread(child.close)
+    # the answer is whole, and the link at its very end was rewritten
+    local = f'"__next":"{child.url}/odata/v2/User?$skiptoken=1"}}'.encode()
+    assert tail.endswith(local), tail
+    assert received == size - len(BOMB_LINK) + len(child.url) + len("/odata/v2/User?$skiptoken=1")
+    return growth, seconds
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_gzip_bomb_is_inflated_in_bounded_memory(
+    upstream_app, bundle_file, ca_file, framing
+):
+    # 64 MiB from a ~65 KB body: the issue's case (it once peaked at 189 MiB).
+    growth, seconds = await inflate_through_sidecar(
+        upstream_app, bundle_file, ca_file, 64 * MiB, framing
+    )
+    print(f"64 MiB bomb ({framing}): sidecar RSS growth {growth / MiB:.1f} MiB, {seconds:.1f}s")
+    assert growth <= BOMB_RSS_BOUND
+
+
+@pytest.mark.slow
+async def test_a_1_gib_gzip_bomb_is_inflated_in_bounded_memory(upstream_app, bundle_file, ca_file):
+    growth, seconds = await inflate_through_sidecar(
+        upstream_app, bundle_file, ca_file, 1024 * MiB, "content-length"
+    )
+    print(f"1 GiB bomb: sidecar RSS growth {growth / MiB:.1f} MiB, {seconds:.1f}s")
+    assert growth <= BOMB_RSS_BOUND
