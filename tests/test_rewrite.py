@@ -135,6 +135,10 @@ def test_local_origin() -> None:
     for bad in ('evil"}', "a b", "host/path", "", "h:123456"):
         with pytest.raises(ValueError, match="is not host\\[:port\\]"):
             local_origin(bad)
+    # an absolute-form target's scheme is kept as the client wrote it
+    assert local_origin("127.0.0.1:8443", scheme="https") == "https://127.0.0.1:8443"
+    with pytest.raises(ValueError, match="scheme 'ftp' is not http or https"):
+        local_origin("h", scheme="ftp")
 
 
 # ---------------------------------------------------------- stream rewriter

@@ -8,6 +8,7 @@ import functools
 import gzip
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
+import sidecar.upstream_http
+from sidecar.config import TLSConfig
 from tests.conftest import route_config
 
 
@@ -324,3 +329,160 @@ async def test_a_1_gib_gzip_bomb_is_inflated_in_bounded_memory(upstream_app, bun
     )
     print(f"1 GiB bomb: sidecar RSS growth {growth / MiB:.1f} MiB, {seconds:.1f}s")
     assert growth <= BOMB_RSS_BOUND
+
+
+def odata_page(origin: str, n: int) -> bytes:
+    """A JSON page of ``n`` entries, each with links to ``origin``."""
+    results = [
+        {
+            "__metadata": {"uri": f"{origin}/odata/v2/User('u{i}')"},
+            "manager": {"__deferred": {"uri": f"{origin}/odata/v2/User('u{i}')/manager"}},
+        }
+        for i in range(n)
+    ]
+    return json.dumps({"d": {"results": results, "__next": f"{origin}/odata/v2/User?p=2"}}).encode()
+
+
+@pytest.mark.parametrize(
+    "coding, compress",
+    [
+        ("gzip", gzip.compress),
+        ("gzip", lambda b: gzip.compress(b[:70_000]) + gzip.compress(b[70_000:])),  # 2 members
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b, wbits=-zlib.MAX_WBITS)),  # raw, as some send
+    ],
+    ids=["gzip", "gzip-2-members", "deflate", "raw-deflate"],
+)
+async def test_compressed_bodies_larger_than_a_piece_are_rewritten_whole(
+    upstream_app, start_sidecar, bundle_file, ca_file, coding, compress
+):
+    # ~400 KB inflated: several decoded pieces, so links straddle piece boundaries.
+    sent: dict[str, bytes] = {}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        plain = odata_page(origin_of(request), 2500)
+        sent["plain"] = plain
+        body = compress(plain)
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Content-Encoding": coding}
+        )
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(0, len(body), 1000):  # small upstream chunks too
+            await response.write(body[i : i + 1000])
+        await response.write_eof()
+        return response
+
+    up = await upstream_app({"/odata/v2/User": handler})
+    running = await start_sidecar(route_config(up, bundle_file, ca_file))
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        async with client.get(f"{running.url}/odata/v2/User") as resp:
+            assert resp.status == 200
+            got = await resp.read()
+    assert len(sent["plain"]) > 6 * 64 * 1024
+    assert got == sent["plain"].replace(up.encode(), running.url.encode())
+
+
+# ------------------------------------------- the origin the client used, port included
+
+UP_HOST = "api.cert.sidecar.test"  # resolved to 127.0.0.1 below; plain twin api.sidecar.test
+UP_TWIN = "api.sidecar.test"
+
+
+class LoopbackResolver(AbstractResolver):
+    """Resolves every name to 127.0.0.1, without asking DNS."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host, host="127.0.0.1", port=port, family=socket.AF_INET, proto=0, flags=0
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["reverse", "reverse-by-name", "http_proxy"])
+async def test_links_keep_the_origin_the_client_used_with_its_port(
+    upstream_app, start_sidecar, bundle_file, ca_file, monkeypatch, mode
+):
+    # An upstream on a port other than 443, and links to it spelled every way.
+    monkeypatch.setattr(sidecar.upstream_http, "DefaultResolver", LoopbackResolver)
+    port: dict[str, int] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        p = port["up"]
+        links = {
+            "origin": f"https://{UP_HOST}:{p}/odata/v2/User('1')",
+            "twin": f"https://{UP_TWIN}:{p}/odata/v2/User('2')",
+            # another port is another origin: left alone
+            "default_port": f"https://{UP_HOST}:443/odata/v2/User('3')",
+            "no_port": f"https://{UP_HOST}/odata/v2/User('4')",
+            "host_seen": request.headers["Host"],
+        }
+        return web.json_response(
+            links, headers={"Location": f"https://{UP_HOST}:{p}/odata/v2/User('5')"}
+        )
+
+    up = await upstream_app({"/odata/v2/User": handler})
+    port["up"] = URL(up).port or 0
+    route = route_config(
+        f"https://{UP_HOST}:{port['up']}",
+        bundle_file,
+        ca_file,
+        tls=TLSConfig(ca_file=ca_file, server_name="localhost"),
+    )
+    running = await start_sidecar(route)
+    sidecar_port = URL(running.url).port
+    async with aiohttp.ClientSession() as client:
+        if mode == "http_proxy":
+            # absolute-form target: GET http://api.cert.sidecar.test:PORT/... via the proxy
+            local = f"http://{UP_HOST}:{port['up']}"
+            kwargs: dict[str, Any] = {"proxy": running.url}
+        else:
+            host = "127.0.0.1" if mode == "reverse" else "localhost"
+            local = f"http://{host}:{sidecar_port}"
+            kwargs = {}
+        async with client.get(f"{local}/odata/v2/User", allow_redirects=False, **kwargs) as resp:
+            assert resp.status == 200, await resp.text()
+            doc = await resp.json()
+            location = resp.headers["Location"]
+    assert doc["host_seen"] == f"{UP_HOST}:{port['up']}"
+    assert doc["origin"] == f"{local}/odata/v2/User('1')"
+    assert doc["twin"] == f"{local}/odata/v2/User('2')"
+    assert doc["default_port"] == f"https://{UP_HOST}:443/odata/v2/User('3')"
+    assert doc["no_port"] == f"https://{UP_HOST}/odata/v2/User('4')"
+    assert location == f"{local}/odata/v2/User('5')"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_absolute_form_links_keep_the_targets_port(
+    upstream_app, start_sidecar, bundle_file, ca_file, host
+):
+    # The issue's case, raw: the target names the port, the Host header does not.
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"__next": f"{upstream}/odata/v2/User?$skiptoken=1"})
+
+    up_port = URL(await upstream_app({"/odata/v2/User": handler})).port
+    upstream = f"https://{host}:{up_port}"
+    running = await start_sidecar(route_config(upstream, bundle_file, ca_file))
+    reader, writer = await asyncio.open_connection("127.0.0.1", URL(running.url).port)
+    try:
+        writer.write(
+            f"GET http://{host}:{up_port}/odata/v2/User HTTP/1.1\r\nHost: {host}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    doc = json.loads(body)
+    assert doc["__next"] == f"http://{host}:{up_port}/odata/v2/User?$skiptoken=1"
