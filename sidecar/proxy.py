@@ -12,10 +12,16 @@ For each request on a route's listener:
    with back-pressure from both sockets;
 4. answer failures before the response started with the JSON error of
    DESIGN.md; after it started, cut the client connection so a truncated body
-   can never look complete.
+   can never look complete. An upstream's HTTP-level refusal of the client
+   certificate (`http_refusal`) is such a failure too.
 
 Every outcome goes through `_record`, which writes the access line and the
-metrics, so no path forgets either.
+metrics exactly once, so no path forgets either: a bug (any exception the
+handler did not expect) is answered 500 ``internal_error`` and recorded too.
+Response bodies whose links are rewritten are decoded in bounded pieces
+(`sidecar.rewrite.BodyRewriter`), so a compressed body costs the same memory
+whatever it inflates to. aiohttp's server internals this needs live in
+`sidecar.listener`.
 """
 
 from __future__ import annotations
@@ -289,8 +295,8 @@ class RouteProxy:
     ) -> web.StreamResponse:
         request = ex.request
         if upstream.status == 101:
-            # Never asked for (Upgrade is hop-by-hop and not forwarded): the connection
-            # now speaks another protocol, so it is not reused (its parser stopped).
+            # Never asked for (Upgrade is hop-by-hop and not forwarded). The connection
+            # now speaks another protocol: the pool must not hand it out again.
             return self._failed(
                 ex,
                 failure(
