@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,20 @@ def test_collection_and_environment_are_valid_json():
     ]
     values = {v["key"]: v["value"] for v in environment["values"]}
     assert values["baseUrl"] == "http://127.0.0.1:8080"
+
+
+def test_the_scripts_use_no_deprecated_postman_api():
+    # Postman deprecated the global `postman` object (postman.setNextRequest and the
+    # like) for `pm` (pm.execution.setNextRequest): new Postman versions warn about it.
+    collection = json.loads((POSTMAN / "sidecar.postman_collection.json").read_text())
+    lines = [
+        line
+        for item in collection["item"]
+        for event in item.get("event", [])
+        for line in event["script"]["exec"]
+    ]
+    assert any("pm.execution.setNextRequest(" in line for line in lines)
+    assert [line for line in lines if re.search(r"(?<![\w.])postman\.", line)] == []
 
 
 async def test_newman_runs_the_collection_against_the_demo(newman: str, tmp_path: Path):
