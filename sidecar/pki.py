@@ -5,11 +5,12 @@ certificate with the clientAuth usage, exported as one PEM with the key first
 (``PRIVATE KEY``, leaf, intermediate, root). None of it is secret: every
 certificate is generated on the spot for loopback use.
 
-``python -m sidecar.pki DIR`` writes the files the example config uses.
+``python -m sidecar.pki DIR`` writes the files the example config uses (see HELP).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import os
@@ -239,11 +240,36 @@ def _write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
+HELP = """\
+Write a throwaway test PKI into DIR (created if missing; files of these names
+are overwritten), for the demo, config/sidecar.example.yaml and local tests:
+
+  DIR/ca.pem             the root CA certificate: what tls.ca_file trusts
+  DIR/server.pem         a server certificate for localhost, 127.0.0.1 and ::1,
+                         issued by the root, with the root after it
+  DIR/server.key         its private key, mode 0600
+  DIR/client-bundle.pem  the client identity as SAP BTP exports it: private
+                         key, client certificate, intermediate, root; mode 0600
+  DIR/client-chain.pem   the client certificate, intermediate and root, no key
+
+Every key is new, made on this machine, and only for tests on loopback: never
+trust these files anywhere real. The path of each file written is printed.
+"""
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m sidecar.pki DIR   (writes a throwaway test PKI)", file=sys.stderr)
-        return 2
-    files = write_demo_pki(Path(argv[0]))
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar.pki",
+        usage="%(prog)s DIR   (--help: what it writes)",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", metavar="DIR", type=Path, help="where to write the files")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, usage on stderr)
+        return 0 if exc.code in (0, None) else 2
+    files = write_demo_pki(args.dir)
     for f in (files.ca_file, files.server_cert, files.server_key, files.client_bundle,
               files.client_chain):  # fmt: skip
         print(f)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import shutil
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import pytest
@@ -30,7 +32,80 @@ from sidecar.config import (
 )
 from sidecar.demo import FakeUpstream, demo_config, fake_successfactors
 from sidecar.pki import CA, Issued
-from sidecar.server import Sidecar
+from sidecar.server import Sidecar, bound_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def missing_tool(reason: str, *, ci_installs_it: bool = True) -> NoReturn:
+    """Skip a test for want of a tool; fail instead under CI (``CI=true``) if CI installs it.
+
+    .ci/run installs every tool it can, so one missing there is a broken install
+    that a skip would hide.
+    """
+    if ci_installs_it and os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: .ci/run must install it)", pytrace=False)
+    pytest.skip(reason)
+
+
+LOCAL_NEWMAN = ROOT / ".ci" / "node" / "node_modules" / ".bin" / "newman"
+
+
+def newman_runner(local: Path = LOCAL_NEWMAN) -> str:
+    """Postman's CLI runner: .ci/run's install in .ci/node, else one on PATH.
+
+    Missing, a test needing it is skipped, except under CI with npm present:
+    then .ci/run's `npm install` of newman failed, and the test fails.
+    """
+    found = str(local) if local.exists() else shutil.which("newman")
+    if found is None:
+        missing_tool(
+            "newman (Postman's CLI runner) is not installed: needs Node.js; .ci/run installs "
+            "it with `npm install --prefix .ci/node newman@6`",
+            ci_installs_it=shutil.which("npm") is not None,
+        )
+    return found
+
+
+@pytest.fixture
+def newman() -> str:
+    return newman_runner()
+
+
+# ------------------------------------------------------------ event loops
+
+# The modules that drive requests through the forwarding path (listener, handler,
+# rewriting, pool, failures, TLS session reuse) run on both loops: asyncio, which
+# macOS and Windows get, and uvloop, which the image and `run` use when installed
+# (cli.py). The other modules run on asyncio only, which keeps the suite's time down.
+BOTH_LOOPS = frozenset(
+    {
+        "test_proxy",
+        "test_upstream_errors",
+        "test_rewrite_proxy",
+        "test_hardening",
+        "test_tls_sessions",
+        "test_event_loops",  # checks that the loop named in a test id is the one running
+    }
+)
+
+
+def _uvloop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        missing_tool("uvloop is not installed: `pip install -e '.[test]'` installs it")
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The event loops an async test runs on; the name shows in its id, e.g. ``[uvloop]``."""
+    if item.path.stem in BOTH_LOOPS and sys.platform != "win32":
+        return {"asyncio": asyncio.new_event_loop, "uvloop": _uvloop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @dataclass(frozen=True)
@@ -134,9 +209,7 @@ async def tls_upstream(pki: PKI) -> AsyncIterator[Callable[..., Awaitable[str]]]
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
         await site.start()
         runners.append(runner)
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        return f"https://localhost:{server.sockets[0].getsockname()[1]}"
+        return f"https://localhost:{bound_port(site)}"
 
     yield start
     for r in runners:

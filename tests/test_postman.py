@@ -5,23 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
+import re
 from pathlib import Path
 
 import pytest
 
 from sidecar.demo import demo_config, fake_successfactors
 from sidecar.server import Sidecar
+from tests.conftest import ROOT, newman_runner
 
-ROOT = Path(__file__).resolve().parents[1]
 POSTMAN = ROOT / "config" / "postman"
-LOCAL_NEWMAN = ROOT / ".ci" / "node" / "node_modules" / ".bin" / "newman"
-
-
-def newman() -> str | None:
-    if LOCAL_NEWMAN.exists():
-        return str(LOCAL_NEWMAN)
-    return shutil.which("newman")
 
 
 def test_collection_and_environment_are_valid_json():
@@ -39,14 +32,21 @@ def test_collection_and_environment_are_valid_json():
     assert values["baseUrl"] == "http://127.0.0.1:8080"
 
 
-@pytest.mark.skipif(
-    newman() is None,
-    reason="newman (Postman's CLI runner) is not installed: needs Node.js; .ci/run installs it "
-    "with `npm install --prefix .ci/node newman`",
-)
-async def test_newman_runs_the_collection_against_the_demo(tmp_path):
-    runner = newman()
-    assert runner is not None
+def test_the_scripts_use_no_deprecated_postman_api():
+    # Postman deprecated the global `postman` object (postman.setNextRequest and the
+    # like) for `pm` (pm.execution.setNextRequest): new Postman versions warn about it.
+    collection = json.loads((POSTMAN / "sidecar.postman_collection.json").read_text())
+    lines = [
+        line
+        for item in collection["item"]
+        for event in item.get("event", [])
+        for line in event["script"]["exec"]
+    ]
+    assert any("pm.execution.setNextRequest(" in line for line in lines)
+    assert [line for line in lines if re.search(r"(?<![\w.])postman\.", line)] == []
+
+
+async def test_newman_runs_the_collection_against_the_demo(newman: str, tmp_path: Path):
     async with fake_successfactors(tmp_path / "sf") as upstream:
         sidecar = Sidecar(demo_config(upstream, 0))
         await sidecar.start()
@@ -54,7 +54,7 @@ async def test_newman_runs_the_collection_against_the_demo(tmp_path):
             base = f"http://{sidecar.bound_address(sidecar.routes[0])}"
             report = tmp_path / "newman.json"
             proc = await asyncio.create_subprocess_exec(
-                runner, "run", str(POSTMAN / "sidecar.postman_collection.json"),
+                newman, "run", str(POSTMAN / "sidecar.postman_collection.json"),
                 "-e", str(POSTMAN / "local.postman_environment.json"),
                 "--env-var", f"baseUrl={base}",
                 "--reporters", "cli,json", "--reporter-json-export", str(report),
@@ -72,3 +72,27 @@ async def test_newman_runs_the_collection_against_the_demo(tmp_path):
     # ready, first page, two more pages through __next (45 users, 20 a page), by id, metadata
     assert stats["requests"]["total"] == 6, text
     assert stats["assertions"]["total"] == 6, text
+
+
+@pytest.mark.parametrize(
+    ("ci", "npm", "outcome"),
+    [
+        ("true", True, pytest.fail.Exception),  # .ci/run's install failed: say so
+        ("true", False, pytest.skip.Exception),  # no Node.js on this CI machine
+        ("", True, pytest.skip.Exception),  # a developer without newman
+        ("", False, pytest.skip.Exception),
+    ],
+)
+def test_a_missing_newman_fails_only_under_ci_with_npm(
+    ci: str, npm: bool, outcome: type[BaseException], tmp_path: Path, monkeypatch
+):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if npm:
+        (bin_dir / "npm").write_text("#!/bin/sh\n")
+        (bin_dir / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome) as raised:
+        newman_runner(local=tmp_path / "no-newman")
+    assert "npm install --prefix .ci/node newman@6" in str(raised.value)

@@ -9,6 +9,7 @@
   sidecar.identity can emit (each is produced here and matched to a row).
 - Every command and option of the CLI is named, and shell completion works
   the way the README says.
+- It says which answers link rewriting leaves alone ($batch), as the code does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from sidecar.config import (
     parse_size,
 )
 from sidecar.identity import read_bundle, read_bundle_bytes
+from sidecar.rewrite import should_rewrite
 from sidecar.upstream_errors import ERROR_CODES
 from tests.conftest import PKI
 
@@ -208,6 +210,16 @@ def test_the_walk_covers_every_route_field():
 
 
 # ------------------------------------------------------------ troubleshooting
+
+
+def test_links_in_batch_answers_are_said_to_pass_unchanged():
+    assert not should_rewrite("multipart/mixed; boundary=batch_1", None)
+    assert should_rewrite("application/json", None)
+    said = "Links inside `$batch` answers (`multipart/mixed`) are not rewritten"
+    paragraphs = [" ".join(p.split()) for p in section("Configuration").split("\n\n")]
+    note = next((p for p in paragraphs if p.startswith(said)), None)
+    assert note is not None, f"no paragraph starting: {said}"
+    assert "Content-Length" in note  # and why: the parts declare their own lengths
 
 
 def test_every_error_code_has_a_row_with_its_status():

@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from sidecar.server import bound_port
 from tests.conftest import PKI, route_config
 
 
@@ -34,9 +35,8 @@ async def test_new_upstream_connections_resume_the_session(
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
     await site.start()
     try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         running = await start_sidecar(
-            route_config(f"https://localhost:{port}", bundle_file, ca_file)
+            route_config(f"https://localhost:{bound_port(site)}", bundle_file, ca_file)
         )
         async with aiohttp.ClientSession() as client:
             for _ in range(5):
