@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -41,6 +42,7 @@ from tests.test_cli_run import SidecarProcess, run_cli
 from tests.test_postman import newman
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 CAP_DIR = HERE / "cap"
 CAP_SERVE = CAP_DIR / "node_modules" / ".bin" / "cds-serve"
 COLLECTION = HERE / "users.postman_collection.json"
@@ -73,7 +75,9 @@ def tools() -> None:
     if not shutil.which("nginx"):
         unavailable("nginx is not installed (apt-get install nginx-light)")
     if not CAP_SERVE.exists():
-        unavailable(f"the CAP packages are not installed: npm ci --prefix {CAP_DIR}")
+        unavailable(
+            f"the CAP packages are not installed: npm ci --prefix {CAP_DIR.relative_to(ROOT)}"
+        )
     if not shutil.which("curl"):
         unavailable("curl is not installed")
 
@@ -222,6 +226,15 @@ http {{
 """
 
 
+# The sidecar's routes, all to nginx: name -> (nginx server, client identity, CA file trusted).
+ROUTES = {
+    "good": ("main", "client", "ca.pem"),
+    "untrusted": ("main", "client", "other-ca.pem"),  # nginx's CA is not the one configured
+    "foreign": ("main", "foreign", "ca.pem"),  # nginx: 400 "The SSL certificate error"
+    "nocert": ("nocert", "client", "ca.pem"),  # nginx: 400 "No required SSL certificate was sent"
+}
+
+
 @dataclass
 class Stack:
     """Everything the tests talk to, with the files they use."""
@@ -230,46 +243,46 @@ class Stack:
     nginx: Nginx
     nocert_port: int
     sidecar: SidecarProcess
-    ports: dict[str, int]  # sidecar listener per route name
+    ports: dict[str, int]  # the sidecar's listener per route
 
     def sidecar_url(self, route: str = "good") -> str:
         return f"http://127.0.0.1:{self.ports[route]}"
 
     @property
     def upstream(self) -> str:
-        """The upstream as the sidecar's routes name it (and http_proxy clients call it)."""
+        """nginx as the routes name it, and as http_proxy clients call it: not port 443."""
         return f"localhost:{self.nginx.port}"
 
 
 def write_identity(directory: Path, name: str, issued: Issued) -> None:
-    """A client bundle as SAP BTP exports it (key, leaf, chain), and its key alone for curl."""
+    """A client bundle as SAP BTP exports it (key, leaf, chain), and chain and key for curl."""
     write_private(directory / f"{name}-bundle.pem", issued.btp_bundle())
     write_private(directory / f"{name}.key", issued.key_pem())
     (directory / f"{name}.pem").write_bytes(issued.chain_pem())
 
 
-def route(name: str, port: int, upstream: str, *, pem: str, ca: str) -> str:
+def route_yaml(name: str, *, listen: int, upstream: int, identity: str, ca: str) -> str:
     return f"""
   - name: {name}
-    listen: 127.0.0.1:{port}
-    upstream: https://{upstream}
+    listen: 127.0.0.1:{listen}
+    upstream: https://localhost:{upstream}
     company_id: {COMPANY_ID}
     credentials:
-      pem: {pem}
+      pem: {identity}-bundle.pem
     tls:
       ca_file: {ca}
     timeouts: {{connect: 5s, read: 20s, shutdown: 2s}}
 """
 
 
-def write_config(directory: Path, name: str, routes: list[str]) -> Path:
-    path = directory / f"{name}.yaml"
+def write_config(path: Path, routes: list[str]) -> Path:
     path.write_text("log:\n  level: info\nroutes:" + "".join(routes), encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="module")
 def stack(pki: PKI, cap: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """nginx in front of CAP, and one sidecar process with every route of ROUTES."""
     directory = tmp_path_factory.mktemp("interop")
     (directory / "server.pem").write_bytes(pki.server.chain_pem())
     write_private(directory / "server.key", pki.server.key_pem())
@@ -279,34 +292,18 @@ def stack(pki: PKI, cap: int, tmp_path_factory: pytest.TempPathFactory) -> Itera
     write_identity(directory, "foreign", pki.other_ca.client("someone-else"))
 
     nginx = Nginx(directory, free_port())
-    nocert_port = free_port()
+    servers = {"main": nginx.port, "nocert": free_port()}
     (directory / "nginx.conf").write_text(
-        nginx_conf(directory, port=nginx.port, nocert_port=nocert_port, cap_port=cap)
+        nginx_conf(directory, port=servers["main"], nocert_port=servers["nocert"], cap_port=cap)
     )
-    upstream = f"localhost:{nginx.port}"
-    ports = {name: free_port() for name in ("good", "untrusted", "foreign", "nocert")}
-    routes = {
-        "good": route("good", ports["good"], upstream, pem="client-bundle.pem", ca="ca.pem"),
-        # the server's CA is not the one configured: the sidecar must not trust nginx
-        "untrusted": route(
-            "untrusted", ports["untrusted"], upstream, pem="client-bundle.pem", ca="other-ca.pem"
-        ),
-        # a certificate nginx does not trust: "400 The SSL certificate error"
-        "foreign": route(
-            "foreign", ports["foreign"], upstream, pem="foreign-bundle.pem", ca="ca.pem"
-        ),
-        # nginx gets no certificate at all: "400 No required SSL certificate was sent"
-        "nocert": route(
-            "nocert",
-            ports["nocert"],
-            f"localhost:{nocert_port}",
-            pem="client-bundle.pem",
-            ca="ca.pem",
-        ),
-    }
-    for name, text in routes.items():
-        write_config(directory, name, [text])
-    config = write_config(directory, "sidecar", list(routes.values()))
+    ports = {name: free_port() for name in ROUTES}
+    routes = [
+        route_yaml(name, listen=ports[name], upstream=servers[server], identity=who, ca=ca)
+        for name, (server, who, ca) in ROUTES.items()
+    ]
+    for name, text in zip(ROUTES, routes, strict=True):
+        write_config(directory / f"{name}.yaml", [text])  # for check --probe, one route each
+    config = write_config(directory / "sidecar.yaml", routes)
 
     nginx.start()
     sidecar = SidecarProcess("run", "-c", str(config), cwd=directory)
@@ -314,7 +311,7 @@ def stack(pki: PKI, cap: int, tmp_path_factory: pytest.TempPathFactory) -> Itera
         sidecar.wait_listening()
         for port in ports.values():
             wait_until(lambda p=port: listening(p), within=IO_TIMEOUT, what=f"sidecar on {port}")
-        yield Stack(directory, nginx, nocert_port, sidecar, ports)
+        yield Stack(directory, nginx, servers["nocert"], sidecar, ports)
     finally:
         sidecar.stop()
         nginx.stop()
@@ -339,14 +336,9 @@ def fetch_requests(url: str, *, proxy: str | None = None) -> tuple[int, dict[str
     """requests as a script uses it; ``proxy`` goes in through ``http_proxy``, as users set it."""
     import requests
 
-    with requests.Session() as session:
-        if proxy is not None:
-            os.environ["http_proxy"] = proxy  # restored by no_proxy_settings' monkeypatch
-        try:
-            r = session.get(url, timeout=IO_TIMEOUT)
-        finally:
-            os.environ.pop("http_proxy", None)
-        return r.status_code, dict(r.headers), r.content
+    with mock.patch.dict(os.environ, {"http_proxy": proxy} if proxy else {}):
+        r = requests.get(url, timeout=IO_TIMEOUT)
+    return r.status_code, dict(r.headers), r.content
 
 
 def fetch_curl(url: str, *, proxy: str | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -391,28 +383,38 @@ def read_all_users(fetch: Any, first: str, origin: str, *, proxy: str | None) ->
     return pages
 
 
-@pytest.mark.parametrize("mode", ["reverse-proxy", "http_proxy"])
+def entry(stack: Stack, mode: str) -> tuple[str, str | None]:
+    """The origin a client calls in ``mode``, and its http_proxy setting."""
+    if mode == "reverse-proxy":
+        return stack.sidecar_url(), None
+    # http_proxy: the client sends the absolute form http://localhost:NGINX_PORT/... to us
+    return f"http://{stack.upstream}", stack.sidecar_url()
+
+
+MODES = ["reverse-proxy", "http_proxy"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("client", ["requests", "curl"])
 def test_paging_links_come_back_at_the_origin_the_client_used(
     stack: Stack, client: str, mode: str
 ) -> None:
-    if mode == "reverse-proxy":
-        origin, proxy = stack.sidecar_url(), None
-    else:  # absolute-form http://localhost:NGINX_PORT/... sent to the sidecar
-        origin, proxy = f"http://{stack.upstream}", stack.sidecar_url()
+    origin, proxy = entry(stack, mode)
     first = f"{origin}{SERVICE}User?$format=json"
     pages = read_all_users(FETCHERS[client], first, origin, proxy=proxy)
     assert pages == -(-USERS // PAGE), diagnostics(stack)
 
 
-def test_a_top_beyond_the_page_size_pages_too(stack: Stack) -> None:
-    origin = stack.sidecar_url()
-    status, _, body = fetch_requests(f"{origin}{SERVICE}User?$format=json&$top=150")
+@pytest.mark.parametrize("mode", MODES)
+def test_a_top_beyond_the_page_size_pages_too(stack: Stack, mode: str) -> None:
+    origin, proxy = entry(stack, mode)
+    url = f"{origin}{SERVICE}User?$format=json&$top=150"
+    status, _, body = fetch_requests(url, proxy=proxy)
     assert status == 200, body[:500]
     d = json.loads(body)["d"]
     assert len(d["results"]) == PAGE
     assert d["__next"].startswith(f"{origin}{SERVICE}User?"), d["__next"]
-    status, _, body = fetch_requests(d["__next"])
+    status, _, body = fetch_requests(d["__next"], proxy=proxy)
     assert status == 200, body[:500]
     rest = json.loads(body)["d"]
     assert len(rest["results"]) == 150 - PAGE and "__next" not in rest
