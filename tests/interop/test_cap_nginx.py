@@ -332,12 +332,14 @@ def diagnostics(stack: Stack) -> str:
 # ---------------------------------------------------------------- clients
 
 
-def fetch_requests(url: str, *, proxy: str | None = None) -> tuple[int, dict[str, str], bytes]:
+def fetch_requests(
+    url: str, *, proxy: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """requests as a script uses it; ``proxy`` goes in through ``http_proxy``, as users set it."""
     import requests
 
     with mock.patch.dict(os.environ, {"http_proxy": proxy} if proxy else {}):
-        r = requests.get(url, timeout=IO_TIMEOUT)
+        r = requests.get(url, headers=headers, timeout=IO_TIMEOUT)
     return r.status_code, dict(r.headers), r.content
 
 
@@ -501,14 +503,9 @@ def test_nginx_demands_the_company_id_the_sidecar_sends(stack: Stack) -> None:
     assert curl_nginx(stack, *cert)[0] == 401
     assert curl_nginx(stack, *cert, "-H", f"successfactors-companyid: {COMPANY_ID}")[0] == 200
     # through the sidecar, a client's own value is replaced by the route's
-    import requests
-
-    r = requests.get(
-        f"{stack.sidecar_url()}{SERVICE}User?$format=json&$top=1",
-        headers={"successfactors-companyid": "SOMEONE-ELSE"},
-        timeout=IO_TIMEOUT,
-    )
-    assert r.status_code == 200, r.text[:500]
+    url = f"{stack.sidecar_url()}{SERVICE}User?$format=json&$top=1"
+    status, _, body = fetch_requests(url, headers={"SuccessFactors-CompanyId": "SOMEONE-ELSE"})
+    assert status == 200, body[:500]
 
 
 def test_nginx_refuses_certificates_with_an_http_400_page(stack: Stack) -> None:
