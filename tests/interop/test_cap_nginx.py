@@ -31,18 +31,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from unittest import mock
 
 import pytest
 
 from sidecar.pki import Issued
-from tests.conftest import PKI, free_port, write_private
+from tests.conftest import PKI, ROOT, free_port, missing_tool, write_private
 from tests.test_cli_run import SidecarProcess, run_cli
-from tests.test_postman import newman
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 CAP_DIR = HERE / "cap"
 CAP_SERVE = CAP_DIR / "node_modules" / ".bin" / "cds-serve"
 COLLECTION = HERE / "users.postman_collection.json"
@@ -61,11 +59,9 @@ BAD_CERT_TITLE = "The SSL certificate error"
 # ---------------------------------------------------------------- what must be there
 
 
-def unavailable(what: str) -> None:
-    """Skip on a developer machine; under CI with npm present, fail: CI must not skip this."""
-    if os.environ.get("CI") == "true" and shutil.which("npm"):
-        pytest.fail(f"CI=true and npm is present, but {what}; .ci/run must install it")
-    pytest.skip(what)
+def unavailable(what: str) -> NoReturn:
+    """Skip on a developer machine; fail under CI with npm present, where .ci/run installs it."""
+    missing_tool(what, ci_installs_it=shutil.which("npm") is not None)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +69,7 @@ def tools() -> None:
     if not shutil.which("node") or not shutil.which("npm"):
         pytest.skip("Node.js and npm are not installed: the CAP server needs them")
     if not shutil.which("nginx"):
-        unavailable("nginx is not installed (apt-get install nginx-light)")
+        unavailable("nginx is not installed (apt-get install nginx)")
     if not CAP_SERVE.exists():
         unavailable(
             f"the CAP packages are not installed: npm ci --prefix {CAP_DIR.relative_to(ROOT)}"
@@ -442,15 +438,13 @@ def test_pyodata_reads_every_user_through_the_sidecar(stack: Stack) -> None:
     assert (one.firstName, one.email) == ("First42", "user42@example.test")
 
 
-def test_newman_runs_a_collection_through_the_sidecar(stack: Stack, tmp_path: Path) -> None:
-    runner = newman()
-    if runner is None:
-        unavailable("newman is not installed: npm install --prefix .ci/node newman@6")
-    assert runner is not None
+def test_newman_runs_a_collection_through_the_sidecar(
+    stack: Stack, newman: str, tmp_path: Path
+) -> None:
     report = tmp_path / "newman.json"
     out = subprocess.run(
         [
-            runner, "run", str(COLLECTION),
+            newman, "run", str(COLLECTION),
             "--env-var", f"baseUrl={stack.sidecar_url()}",
             "--env-var", f"users={USERS}",
             "--reporters", "cli,json", "--reporter-json-export", str(report),
