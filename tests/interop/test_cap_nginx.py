@@ -28,7 +28,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -86,7 +86,7 @@ def listening(port: int) -> bool:
         return False
 
 
-def wait_until(check: Any, *, within: float, what: str) -> None:
+def wait_until(check: Callable[[], object], *, within: float, what: str) -> None:
     deadline = time.monotonic() + within
     while not check():
         if time.monotonic() > deadline:
