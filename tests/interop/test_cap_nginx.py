@@ -30,6 +30,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 from unittest import mock
@@ -306,7 +307,7 @@ def stack(pki: PKI, cap: int, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         sidecar.wait_listening()
         for port in ports.values():
-            wait_until(lambda p=port: listening(p), within=IO_TIMEOUT, what=f"sidecar on {port}")
+            wait_until(partial(listening, port), within=IO_TIMEOUT, what=f"sidecar on {port}")
         yield Stack(directory, nginx, servers["nocert"], sidecar, ports)
     finally:
         sidecar.stop()
