@@ -168,6 +168,12 @@ class ListenerServer(web.Server):
             self._waiting.remove(protocol)
 
 
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started site listens on (asyncio's and uvloop's servers alike)."""
+    sockets = getattr(site._server, "sockets", None) or ()  # noqa: SLF001
+    return int(sockets[0].getsockname()[1]) if sockets else site._port  # noqa: SLF001
+
+
 async def start_listener(
     handler: Handler, host: str, port: int, *, limits: LimitsConfig, shutdown_timeout: float
 ) -> tuple[web.ServerRunner, web.TCPSite]:

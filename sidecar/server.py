@@ -33,6 +33,7 @@ from sidecar import __version__
 from sidecar.admin import Admin, readiness
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.listener import bound_port as bound_port  # sidecar.demo imports it from here
 from sidecar.listener import start_listener
 from sidecar.metrics import RouteStats, SidecarMetrics
 from sidecar.proxy import RouteProxy
@@ -67,6 +68,13 @@ class RouteRuntime:
     @property
     def where(self) -> str:
         return f"routes[{self.index}]"
+
+    @property
+    def bound_address(self) -> str:
+        """HOST:PORT actually bound (port 0 in the config picks a free one)."""
+        host = self.route.listen.host
+        port = bound_port(self.site) if self.site is not None else self.route.listen.port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def apply(self, loaded: Loaded, *, quiet: bool = False) -> None:
         """Validate the target, then swap the new identity in."""
@@ -232,9 +240,7 @@ class Sidecar:
 
     def bound_address(self, rt: RouteRuntime) -> str:
         """HOST:PORT actually bound (port 0 in the config picks a free one)."""
-        host = rt.route.listen.host
-        port = bound_port(rt.site) if rt.site is not None else rt.route.listen.port
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return rt.bound_address
 
     async def _keep_fresh(self, rt: RouteRuntime) -> None:
         """Poll the source; back off (capped, jittered) while it fails transiently."""
@@ -307,12 +313,6 @@ def inbound_token(index: int, route: RouteConfig, env: Mapping[str, str]) -> str
     return token
 
 
-def bound_port(site: web.TCPSite) -> int:
-    """The port a started site listens on (asyncio's and uvloop's servers alike)."""
-    sockets = getattr(site._server, "sockets", None) or ()  # noqa: SLF001
-    return int(sockets[0].getsockname()[1]) if sockets else site._port  # noqa: SLF001
-
-
 def route_status(rt: RouteRuntime) -> dict[str, object]:
     """One route's entry in ``/-/status``: public facts and counters, never a secret."""
     from sidecar.certinfo import identity_summary
@@ -320,11 +320,9 @@ def route_status(rt: RouteRuntime) -> dict[str, object]:
     generation = rt.client.current
     entry: dict[str, object] = {
         "name": rt.route.name,
-        "listen": str(rt.route.listen),
+        "listen": rt.bound_address,
         "upstream": str(generation.target.upstream) if generation else rt.route.upstream,
-        "company_id": dict(generation.target.set_headers).get("successfactors-companyid")
-        if generation
-        else rt.route.company_id,
+        "company_id": generation.target.company_id if generation else rt.route.company_id,
         "credential_source": rt.source.description,
         "ready": readiness(rt) is None,
         "not_ready_reason": readiness(rt),
