@@ -17,6 +17,7 @@ atomically (sidecar.upstream); a failed reload keeps the last good one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -25,7 +26,7 @@ import random
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -63,6 +64,9 @@ class RouteRuntime:
     last_error: str | None = None
     retry_soon: bool = False  # the last failure was transient: back off, then retry
     site: web.TCPSite | None = None
+    # Set by every SIGHUP, cleared as a reload starts: a SIGHUP during a reload asks for
+    # another one, so each signal is followed by a load that began after it.
+    reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     _last_expiry_warning: float = 0.0
 
     @property
@@ -145,7 +149,6 @@ class Sidecar:
         self.started_at = time.time()
         self._runners: list[web.ServerRunner] = []
         self._stop = asyncio.Event()
-        self._reload_now = asyncio.Event()
         self._in_flight: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
@@ -250,11 +253,10 @@ class Sidecar:
             if rt.client.current is None or rt.retry_soon:
                 waiting = min(delay, BACKOFF_CAP) * random.uniform(0.5, 1.0)
                 delay = min(delay * 2, BACKOFF_CAP)
-            try:
-                await asyncio.wait_for(self._reload_now.wait(), timeout=waiting)
-                forced = True
-            except TimeoutError:
-                forced = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.reload_requested.wait(), timeout=waiting)
+            forced = rt.reload_requested.is_set()
+            rt.reload_requested.clear()
             if forced or rt.client.current is None or rt.retry_soon or await rt.source.changed():
                 if await rt.reload():
                     delay = BACKOFF_START
@@ -263,8 +265,8 @@ class Sidecar:
     def reload_all(self) -> None:
         """SIGHUP: every route looks at its source at once."""
         log.info("SIGHUP: reloading credentials")
-        self._reload_now.set()
-        asyncio.get_running_loop().call_soon(self._reload_now.clear)
+        for rt in self.routes:
+            rt.reload_requested.set()
 
     def status(self) -> dict[str, object]:
         return {
