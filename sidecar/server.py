@@ -25,7 +25,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -39,7 +39,7 @@ from sidecar.listener import start_listener
 from sidecar.metrics import RouteStats, SidecarMetrics
 from sidecar.proxy import RouteProxy
 from sidecar.resources import MemoryTrimmer, raise_file_limit
-from sidecar.sources import CredentialSource, Loaded, source_for
+from sidecar.sources import FILE_POLL_INTERVAL, CredentialSource, Loaded, source_for
 from sidecar.tasks import TaskGroup
 from sidecar.upstream import UpstreamClient, route_target
 
@@ -351,21 +351,64 @@ def route_status(rt: RouteRuntime) -> dict[str, object]:
 
 
 async def run(config: Config, *, on_ready: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads credentials."""
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads credentials (where there is one)."""
     raise_file_limit()
     sidecar = Sidecar(config)
     await sidecar.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sidecar.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, sidecar.reload_all)
+    restore_signals = _handle_signals(sidecar)
     if on_ready is not None:
         on_ready.set()
     try:
         await sidecar.wait()
         log.info("stopping: finishing requests in flight")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        restore_signals()
         await sidecar.close()
     log.info("stopped at %s", dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+
+def _handle_signals(sidecar: Sidecar) -> Callable[[], None]:
+    """SIGTERM and SIGINT stop, SIGHUP reloads; returns what puts the old handlers back.
+
+    Windows has no SIGHUP, and its event loops no ``add_signal_handler``: there
+    Python's own ``signal.signal`` handles SIGINT and SIGTERM.
+    """
+    loop = asyncio.get_running_loop()
+    stops = (signal.SIGTERM, signal.SIGINT)
+    hangup = getattr(signal, "SIGHUP", None)
+    try:
+        for sig in stops:
+            loop.add_signal_handler(sig, sidecar.request_stop)
+    except NotImplementedError:
+        previous = {
+            sig: signal.signal(sig, lambda *_: loop.call_soon_threadsafe(sidecar.request_stop))
+            for sig in stops
+        }
+        _no_reload_signal()
+
+        def restore_handlers() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore_handlers
+    handled = list(stops)
+    if hangup is None:
+        _no_reload_signal()
+    else:
+        loop.add_signal_handler(hangup, sidecar.reload_all)
+        handled.append(hangup)
+
+    def remove_handlers() -> None:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+    return remove_handlers
+
+
+def _no_reload_signal() -> None:
+    log.debug(
+        "this platform has no SIGHUP: credential files are read again when they change "
+        "(looked at every %.0f s), destinations every `refresh`; restart the sidecar to "
+        "load them at once",
+        FILE_POLL_INTERVAL,
+    )
