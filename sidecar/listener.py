@@ -1,10 +1,18 @@
-"""A route's HTTP listener: aiohttp's low-level server, our errors and limits.
+"""aiohttp's server side, adapted: a route's HTTP listener, our errors and limits.
+
+This is the one module that reaches into aiohttp's server internals (the
+list is below), so an aiohttp upgrade is a change here and nowhere else.
 
 The low-level server hands every request to one handler, whatever its target
 (``CONNECT host:443``, ``OPTIONS *``, absolute-form without a path), so the
 proxy decides about all of them; a router would answer some with its own 404.
 Requests aiohttp's parser rejects get DESIGN.md's JSON ``bad_request`` too,
 instead of aiohttp's text page, and nothing ever shows a traceback.
+
+Both of aiohttp's request parsers give the same verdicts: llhttp (its C
+extension) and, where aiohttp has no wheel for the platform or
+``AIOHTTP_NO_EXTENSIONS`` is set, its pure-Python parser, which this module
+makes refuse what llhttp refuses (`refuse_as_llhttp`).
 
 Limits (``routes[].limits``):
 
@@ -16,6 +24,32 @@ Limits (``routes[].limits``):
 - ``max_connections``: connections beyond it are accepted but not read until
   a slot frees (they wait, as in a backlog; nothing is refused), so a burst
   cannot exhaust file descriptors for the upstream pool.
+
+aiohttp internals this module relies on (checked against aiohttp 3.14):
+
+- ``web_protocol.RequestHandler`` subclassed: the hooks ``connection_made``,
+  ``data_received``, ``connection_lost`` and ``handle_error`` overridden;
+  its ``_manager`` (the `web.Server`), ``_loop`` and ``_parser`` read;
+- ``web.Server.__call__`` overridden to build our protocol with the
+  server's ``_kwargs`` and ``_loop``;
+- ``request.writer.output_size`` (has the response started?) and
+  ``request.protocol`` in the handler;
+- ``web.TCPSite._server`` (its sockets) and ``_port`` for the bound port;
+- the pure-Python parser: ``http_parser.HttpRequestParserPy`` and
+  ``HttpPayloadParser`` (both get a subclass by ``__class__`` assignment, so
+  no constructor signature is copied), their ``parse_message``,
+  ``feed_data``, ``max_headers`` (counts the request line and the empty line),
+  ``_lines``, ``_tail``, ``_payload_parser`` (assigned by ``feed_data``
+  itself), ``_type``, ``ParseState`` and ``PayloadState``; and the rule that
+  ``HttpParser.feed_data`` re-raises only ``InvalidHeader`` and
+  ``TransferEncodingError`` from a body (the battery in
+  tests/test_request_parsing.py pins it);
+- the tests swap ``web_protocol.HttpRequestParser`` to run both parsers.
+
+The response side (the end of this module, used by the proxy) relies on:
+``StreamResponse._prepare_headers`` overridden, a connection reset through
+``request.transport`` (``SO_LINGER`` 0, then ``abort()``), and
+``request.writer`` written to directly for ``100 Continue``.
 """
 
 from __future__ import annotations
