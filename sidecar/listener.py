@@ -141,9 +141,8 @@ class _CheckedRequestParser(_PurePythonParser):  # type: ignore[misc,valid-type]
     def parse_message(self, lines: list[bytes]) -> Any:
         line = _request_line(lines[0])
         message = super().parse_message([line, *lines[1:]])
-        length = message.headers.get("Content-Length", "")
-        if length.isascii() and length.isdigit() and int(length) > _MAX_UINT64:
-            raise BadHttpMessage("Content-Length is larger than 2**64 - 1")
+        if _length_too_large(message.headers.get("Content-Length", "")):
+            raise BadHttpMessage("Content-Length is too large")
         codings = message.headers.get("Transfer-Encoding", "").split(",")
         if "chunked" in (c.strip(" \t").lower() for c in codings[:-1]):
             raise BadHttpMessage("Transfer-Encoding: chunked must be the last coding, once")
@@ -214,6 +213,11 @@ def _request_line(line: bytes) -> bytes:
     if method not in LLHTTP_METHODS:
         raise BadHttpMethod(method.decode("latin-1"))
     return line
+
+
+def _length_too_large(length: str) -> bool:
+    """Beyond 64 bits, or 2**64 - 1: llhttp's own value for "no Content-Length"."""
+    return length.isascii() and length.isdigit() and int(length) >= _MAX_UINT64
 
 
 def refuse_as_llhttp(parser: object) -> None:
@@ -332,6 +336,15 @@ class ListenerServer(web.Server):
             if isinstance(protocol, _Protocol):
                 protocol.head_received()
             try:
+                if _length_too_large(request.headers.get("Content-Length", "")):
+                    # llhttp reads 2**64 - 1 as "no length": an empty body, and the
+                    # bytes after the head as the next request. Refused; nothing after
+                    # it on this connection can be trusted.
+                    refusal = error_response(
+                        BAD_REQUEST, "malformed request: Content-Length is too large"
+                    )
+                    refusal.force_close()
+                    return refusal
                 return await handler(request)
             finally:
                 if isinstance(protocol, _Protocol):
