@@ -15,8 +15,14 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from sidecar.metrics import CONTENT_TYPE
-from sidecar.proxy import TOKEN_MISSING
-from sidecar.upstream_errors import INBOUND_AUTH_REQUIRED, error_response
+from sidecar.proxy import TOKEN_MISSING, _absolute_form, _same_host
+from sidecar.upstream_errors import (
+    FORBIDDEN_TARGET,
+    INBOUND_AUTH_REQUIRED,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    error_response,
+)
 
 if TYPE_CHECKING:
     from sidecar.proxy import RouteProxy
@@ -47,9 +53,17 @@ class Admin:
         return path.startswith(self.prefix)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        foreign = self._foreign_host(request)
+        if foreign is not None:
+            # `GET http://other.host/-/status` is meant for another server: never ours to answer.
+            return error_response(FORBIDDEN_TARGET, foreign)
         name = request.path[len(self.prefix) :]
         if request.method not in ("GET", "HEAD"):
-            return _json_error(405, "method_not_allowed", "admin endpoints answer GET only")
+            response = error_response(
+                METHOD_NOT_ALLOWED, f"{request.method} {request.path}: admin endpoints answer GET"
+            )
+            response.headers["Allow"] = "GET, HEAD"
+            return response
         if name == "health":
             return web.json_response({"status": "ok"})
         if name == "ready":
@@ -68,8 +82,17 @@ class Admin:
             return web.Response(
                 body=self.sidecar.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
             )
-        return _json_error(404, "not_found", f"no admin endpoint {request.path}")
+        return error_response(NOT_FOUND, f"no admin endpoint {request.path}")
 
-
-def _json_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    def _foreign_host(self, request: web.BaseRequest) -> str | None:
+        """Why an absolute-form target is not this route's, or None (the proxy's rule)."""
+        if not _absolute_form(request):
+            return None
+        generation = self.runtime.client.current
+        if generation is not None and _same_host(request.url, generation.target):
+            return None
+        upstream = generation.target.upstream.host if generation else "not known yet"
+        return (
+            f"{request.url.host} is not this route's upstream ({upstream}); "
+            "the sidecar is not an open proxy"
+        )

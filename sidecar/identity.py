@@ -566,13 +566,11 @@ def _secret_file(data: bytes) -> Iterator[str]:
         finally:
             os.close(fd)
         return
-    fd, path = tempfile.mkstemp(prefix="mtls-sidecar-")  # mode 0600
-    try:
-        os.write(fd, data)
-        os.close(fd)
-        fd = -1
+    # No memfd (macOS, Windows): a 0600 file in a new 0700 directory (on Windows, the
+    # user's own TEMP), both removed as soon as OpenSSL has read the file.
+    with tempfile.TemporaryDirectory(prefix="mtls-sidecar-") as private:
+        path = os.path.join(private, "identity.pem")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        with os.fdopen(os.open(path, flags, 0o600), "wb") as f:
+            f.write(data)
         yield path
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(path)

@@ -1,10 +1,18 @@
-"""A route's HTTP listener: aiohttp's low-level server, our errors and limits.
+"""aiohttp's server side, adapted: a route's HTTP listener, our errors and limits.
+
+This is the one module that reaches into aiohttp's server internals (the
+list is below), so an aiohttp upgrade is a change here and nowhere else.
 
 The low-level server hands every request to one handler, whatever its target
 (``CONNECT host:443``, ``OPTIONS *``, absolute-form without a path), so the
 proxy decides about all of them; a router would answer some with its own 404.
 Requests aiohttp's parser rejects get DESIGN.md's JSON ``bad_request`` too,
 instead of aiohttp's text page, and nothing ever shows a traceback.
+
+Both of aiohttp's request parsers give the same verdicts: llhttp (its C
+extension) and, where aiohttp has no wheel for the platform or
+``AIOHTTP_NO_EXTENSIONS`` is set, its pure-Python parser, which this module
+makes refuse what llhttp refuses (`refuse_as_llhttp`).
 
 Limits (``routes[].limits``):
 
@@ -16,17 +24,52 @@ Limits (``routes[].limits``):
 - ``max_connections``: connections beyond it are accepted but not read until
   a slot frees (they wait, as in a backlog; nothing is refused), so a burst
   cannot exhaust file descriptors for the upstream pool.
+
+aiohttp internals this module relies on (checked against aiohttp 3.14):
+
+- ``web_protocol.RequestHandler`` subclassed: the hooks ``connection_made``,
+  ``data_received``, ``connection_lost`` and ``handle_error`` overridden;
+  its ``_manager`` (the `web.Server`), ``_loop`` and ``_parser`` read;
+- ``web.Server.__call__`` overridden to build our protocol with the
+  server's ``_kwargs`` and ``_loop``;
+- ``request.writer.output_size`` (has the response started?) and
+  ``request.protocol`` in the handler;
+- ``web.TCPSite._server`` (its sockets) and ``_port`` for the bound port;
+- the pure-Python parser: ``http_parser.HttpRequestParserPy`` and
+  ``HttpPayloadParser`` (both get a subclass by ``__class__`` assignment, so
+  no constructor signature is copied), their ``parse_message``,
+  ``feed_data``, ``max_headers`` (counts the request line and the empty line),
+  ``_lines``, ``_tail``, ``_payload_parser`` (assigned by ``feed_data``
+  itself), ``_type``, ``ParseState`` and ``PayloadState``; and the rule that
+  ``HttpParser.feed_data`` re-raises only ``InvalidHeader`` and
+  ``TransferEncodingError`` from a body (the battery in
+  tests/test_request_parsing.py pins it);
+- the tests swap ``web_protocol.HttpRequestParser`` to run both parsers.
+
+The response side (the end of this module, used by the proxy) relies on:
+``StreamResponse._prepare_headers`` overridden, a connection reset through
+``request.transport`` (``SO_LINGER`` 0, then ``abort()``), and
+``request.writer`` written to directly for ``100 Continue``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_parser, web
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    BadStatusLine,
+    InvalidHeader,
+    InvalidURLError,
+    TransferEncodingError,
+)
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.config import LimitsConfig
@@ -36,12 +79,167 @@ log = logging.getLogger("sidecar.listener")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
+# ---- the pure-Python parser, made to refuse what llhttp refuses
+
+#: llhttp's request methods (HTTP_METHOD_MAP); it refuses any other, lowercase ones too
+LLHTTP_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
+    b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
+    b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
+LLHTTP_VERSIONS = frozenset((b"HTTP/0.9", b"HTTP/1.0", b"HTTP/1.1", b"HTTP/2.0"))
+_MAX_UINT64 = 2**64 - 1  # llhttp's Content-Length and chunk sizes are uint64
+_REQUEST_LINE = re.compile(rb"([^ ]+) +([^ ]+) +([^ ]+)")  # llhttp takes runs of spaces
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_EXT_VALUE = _TCHAR + rb'*(?:"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*")?'
+#: chunk extensions exactly as llhttp takes them (no whitespace; see the tests' fuzzing)
+_CHUNK_EXTENSIONS = re.compile(
+    rb"(?:;+(?:" + _TCHAR + rb"+(?:=" + _EXT_VALUE + rb")?|=" + _EXT_VALUE + rb"))*"
+)
+_PurePythonParser: type[http_parser.HttpRequestParser] = http_parser.HttpRequestParserPy
+
+
+class _CheckedRequestParser(_PurePythonParser):  # type: ignore[misc,valid-type]
+    """aiohttp's pure-Python request parser with the checks llhttp makes and it lacks.
+
+    Platforms without aiohttp's C extensions get this parser; every input gets
+    the verdict llhttp gives it (tests/test_request_parsing.py runs its battery
+    on both): a known method in its case, an ASCII request target, runs of
+    spaces in the request line, ``Content-Length`` within 64 bits,
+    ``chunked`` once and last, and refusals in a body (chunk sizes and
+    extensions, trailers) that refuse the request instead of only failing
+    its body.
+    """
+
+    @property
+    def _payload_parser(self) -> http_parser.HttpPayloadParser | None:
+        parser: http_parser.HttpPayloadParser | None = self.__dict__["_payload_parser"]
+        return parser
+
+    @_payload_parser.setter
+    def _payload_parser(self, parser: http_parser.HttpPayloadParser | None) -> None:
+        # The base class makes each body's parser itself; this is the one place to check it.
+        if parser is not None:
+            parser.__class__ = _CheckedPayloadParser
+        self.__dict__["_payload_parser"] = parser
+
+    def feed_data(self, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        result = super().feed_data(data, *args, **kwargs)
+        # llhttp refuses a request line at its first impossible byte; the base
+        # class waits for the end of the head (or the head timer) first.
+        if self._lines:
+            _request_line(self._lines[0])
+        elif self._tail and self.__dict__["_payload_parser"] is None:
+            method, space, _ = self._tail.lstrip(b"\r\n").partition(b" ")
+            if method not in LLHTTP_METHODS and (
+                space or not any(m.startswith(method) for m in LLHTTP_METHODS)
+            ):
+                raise BadHttpMethod(method.decode("latin-1"))
+        return result
+
+    def parse_message(self, lines: list[bytes]) -> Any:
+        line = _request_line(lines[0])
+        message = super().parse_message([line, *lines[1:]])
+        if _length_too_large(message.headers.get("Content-Length", "")):
+            raise BadHttpMessage("Content-Length is too large")
+        codings = message.headers.get("Transfer-Encoding", "").split(",")
+        if "chunked" in (c.strip(" \t").lower() for c in codings[:-1]):
+            raise BadHttpMessage("Transfer-Encoding: chunked must be the last coding, once")
+        return message
+
+
+class _CheckedPayloadParser(http_parser.HttpPayloadParser):
+    """A request body's parser, refusing chunk-size lines llhttp refuses.
+
+    It follows the chunked framing alongside the base class (which keeps the
+    size line's extensions to itself) to see every chunk-size line once.
+    """
+
+    _size_line = b""  # the start of a chunk-size line not complete yet
+    _skip = 0  # chunk data (and its CRLF) still to come
+    _sizes_done = False  # the last chunk was seen: trailers follow
+
+    def feed_data(
+        self, chunk: bytes, SEP: Any = b"\r\n", CHUNK_EXT: bytes = b";"
+    ) -> tuple[http_parser.PayloadState, bytes]:
+        if self._type == http_parser.ParseState.PARSE_CHUNKED:
+            self._check_size_lines(chunk)
+        try:
+            return super().feed_data(chunk, SEP, CHUNK_EXT)
+        except (InvalidHeader, TransferEncodingError):
+            raise
+        except BadHttpMessage as exc:
+            # The base HttpParser hands any other error to the body only (the
+            # handler then fails reading it); llhttp refuses the request: 400.
+            raise TransferEncodingError(exc.message) from exc
+
+    def _check_size_lines(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data) and not self._sizes_done:
+            if self._skip:
+                step = min(self._skip, len(data) - pos)
+                self._skip -= step
+                pos += step
+                continue
+            end = data.find(b"\n", pos)
+            if end < 0:
+                self._size_line += data[pos:]  # the base class bounds it (LineTooLong)
+                return
+            line, self._size_line = (self._size_line + data[pos:end]).removesuffix(b"\r"), b""
+            pos = end + 1
+            digits, _, _ = line.partition(b";")
+            if (
+                not _HEX.fullmatch(digits)
+                or int(digits, 16) > _MAX_UINT64
+                or not _CHUNK_EXTENSIONS.fullmatch(line, len(digits))
+            ):
+                raise TransferEncodingError("invalid chunk size or chunk extension")
+            size = int(digits, 16)
+            self._sizes_done = size == 0
+            self._skip = size + 2
+
+
+def _request_line(line: bytes) -> bytes:
+    """The request line with single spaces, as llhttp reads it; raise where llhttp refuses."""
+    parts = _REQUEST_LINE.fullmatch(line)
+    if parts is not None:
+        line = b" ".join(parts.groups())
+        if not parts[2].isascii():
+            raise InvalidURLError(parts[2].decode("latin-1"))
+        if parts[3] not in LLHTTP_VERSIONS:
+            raise BadStatusLine(parts[3].decode("latin-1"))
+    method = line.partition(b" ")[0]
+    if method not in LLHTTP_METHODS:
+        raise BadHttpMethod(method.decode("latin-1"))
+    return line
+
+
+def _length_too_large(length: str) -> bool:
+    """Beyond 64 bits, or 2**64 - 1: llhttp's own value for "no Content-Length"."""
+    return length.isascii() and length.isdigit() and int(length) >= _MAX_UINT64
+
+
+def refuse_as_llhttp(parser: object) -> None:
+    """Give aiohttp's pure-Python parser the checks llhttp makes (see `_CheckedRequestParser`).
+
+    Any other parser (llhttp's, one already checked) is left as it is.
+    """
+    if type(parser) is _PurePythonParser:
+        parser.__class__ = _CheckedRequestParser
+        # The base class counts the request line and the empty line as headers too.
+        parser.max_headers += 2
+
 
 class _Protocol(RequestHandler):
     """One client connection, with the head timeout and the connection limit."""
 
     _head_timer: asyncio.TimerHandle | None = None
     _between_requests = False  # the next bytes start a new request head
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        refuse_as_llhttp(self._parser)
 
     @property
     def _listener(self) -> ListenerServer:
@@ -138,6 +336,15 @@ class ListenerServer(web.Server):
             if isinstance(protocol, _Protocol):
                 protocol.head_received()
             try:
+                if _length_too_large(request.headers.get("Content-Length", "")):
+                    # llhttp reads 2**64 - 1 as "no length": an empty body, and the
+                    # bytes after the head as the next request. Refused; nothing after
+                    # it on this connection can be trusted.
+                    refusal = error_response(
+                        BAD_REQUEST, "malformed request: Content-Length is too large"
+                    )
+                    refusal.force_close()
+                    return refusal
                 return await handler(request)
             finally:
                 if isinstance(protocol, _Protocol):
@@ -166,6 +373,12 @@ class ListenerServer(web.Server):
                     nxt.admitted()
         elif protocol in self._waiting:
             self._waiting.remove(protocol)
+
+
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started site listens on (asyncio's and uvloop's servers alike)."""
+    sockets = getattr(site._server, "sockets", None) or ()  # noqa: SLF001
+    return int(sockets[0].getsockname()[1]) if sockets else site._port  # noqa: SLF001
 
 
 async def start_listener(

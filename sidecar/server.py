@@ -17,6 +17,7 @@ atomically (sidecar.upstream); a failed reload keeps the last good one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -24,8 +25,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -33,11 +34,12 @@ from sidecar import __version__
 from sidecar.admin import Admin, readiness
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.listener import bound_port as bound_port  # sidecar.demo imports it from here
 from sidecar.listener import start_listener
 from sidecar.metrics import RouteStats, SidecarMetrics
 from sidecar.proxy import RouteProxy
 from sidecar.resources import MemoryTrimmer, raise_file_limit
-from sidecar.sources import CredentialSource, Loaded, source_for
+from sidecar.sources import FILE_POLL_INTERVAL, CredentialSource, Loaded, source_for
 from sidecar.tasks import TaskGroup
 from sidecar.upstream import UpstreamClient, route_target
 
@@ -62,11 +64,21 @@ class RouteRuntime:
     last_error: str | None = None
     retry_soon: bool = False  # the last failure was transient: back off, then retry
     site: web.TCPSite | None = None
+    # Set by every SIGHUP, cleared as a reload starts: a SIGHUP during a reload asks for
+    # another one, so each signal is followed by a load that began after it.
+    reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     _last_expiry_warning: float = 0.0
 
     @property
     def where(self) -> str:
         return f"routes[{self.index}]"
+
+    @property
+    def bound_address(self) -> str:
+        """HOST:PORT actually bound (port 0 in the config picks a free one)."""
+        host = self.route.listen.host
+        port = bound_port(self.site) if self.site is not None else self.route.listen.port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def apply(self, loaded: Loaded, *, quiet: bool = False) -> None:
         """Validate the target, then swap the new identity in."""
@@ -137,7 +149,6 @@ class Sidecar:
         self.started_at = time.time()
         self._runners: list[web.ServerRunner] = []
         self._stop = asyncio.Event()
-        self._reload_now = asyncio.Event()
         self._in_flight: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
@@ -232,9 +243,7 @@ class Sidecar:
 
     def bound_address(self, rt: RouteRuntime) -> str:
         """HOST:PORT actually bound (port 0 in the config picks a free one)."""
-        host = rt.route.listen.host
-        port = bound_port(rt.site) if rt.site is not None else rt.route.listen.port
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return rt.bound_address
 
     async def _keep_fresh(self, rt: RouteRuntime) -> None:
         """Poll the source; back off (capped, jittered) while it fails transiently."""
@@ -244,11 +253,10 @@ class Sidecar:
             if rt.client.current is None or rt.retry_soon:
                 waiting = min(delay, BACKOFF_CAP) * random.uniform(0.5, 1.0)
                 delay = min(delay * 2, BACKOFF_CAP)
-            try:
-                await asyncio.wait_for(self._reload_now.wait(), timeout=waiting)
-                forced = True
-            except TimeoutError:
-                forced = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.reload_requested.wait(), timeout=waiting)
+            forced = rt.reload_requested.is_set()
+            rt.reload_requested.clear()
             if forced or rt.client.current is None or rt.retry_soon or await rt.source.changed():
                 if await rt.reload():
                     delay = BACKOFF_START
@@ -257,8 +265,8 @@ class Sidecar:
     def reload_all(self) -> None:
         """SIGHUP: every route looks at its source at once."""
         log.info("SIGHUP: reloading credentials")
-        self._reload_now.set()
-        asyncio.get_running_loop().call_soon(self._reload_now.clear)
+        for rt in self.routes:
+            rt.reload_requested.set()
 
     def status(self) -> dict[str, object]:
         return {
@@ -307,12 +315,6 @@ def inbound_token(index: int, route: RouteConfig, env: Mapping[str, str]) -> str
     return token
 
 
-def bound_port(site: web.TCPSite) -> int:
-    """The port a started site listens on (asyncio's and uvloop's servers alike)."""
-    sockets = getattr(site._server, "sockets", None) or ()  # noqa: SLF001
-    return int(sockets[0].getsockname()[1]) if sockets else site._port  # noqa: SLF001
-
-
 def route_status(rt: RouteRuntime) -> dict[str, object]:
     """One route's entry in ``/-/status``: public facts and counters, never a secret."""
     from sidecar.certinfo import identity_summary
@@ -320,11 +322,9 @@ def route_status(rt: RouteRuntime) -> dict[str, object]:
     generation = rt.client.current
     entry: dict[str, object] = {
         "name": rt.route.name,
-        "listen": str(rt.route.listen),
+        "listen": rt.bound_address,
         "upstream": str(generation.target.upstream) if generation else rt.route.upstream,
-        "company_id": dict(generation.target.set_headers).get("successfactors-companyid")
-        if generation
-        else rt.route.company_id,
+        "company_id": generation.target.company_id if generation else rt.route.company_id,
         "credential_source": rt.source.description,
         "ready": readiness(rt) is None,
         "not_ready_reason": readiness(rt),
@@ -351,21 +351,64 @@ def route_status(rt: RouteRuntime) -> dict[str, object]:
 
 
 async def run(config: Config, *, on_ready: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads credentials."""
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads credentials (where there is one)."""
     raise_file_limit()
     sidecar = Sidecar(config)
     await sidecar.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sidecar.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, sidecar.reload_all)
+    restore_signals = _handle_signals(sidecar)
     if on_ready is not None:
         on_ready.set()
     try:
         await sidecar.wait()
         log.info("stopping: finishing requests in flight")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        restore_signals()
         await sidecar.close()
     log.info("stopped at %s", dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+
+def _handle_signals(sidecar: Sidecar) -> Callable[[], None]:
+    """SIGTERM and SIGINT stop, SIGHUP reloads; returns what puts the old handlers back.
+
+    Windows has no SIGHUP, and its event loops no ``add_signal_handler``: there
+    Python's own ``signal.signal`` handles SIGINT and SIGTERM.
+    """
+    loop = asyncio.get_running_loop()
+    stops = (signal.SIGTERM, signal.SIGINT)
+    hangup = getattr(signal, "SIGHUP", None)
+    try:
+        for sig in stops:
+            loop.add_signal_handler(sig, sidecar.request_stop)
+    except NotImplementedError:
+        previous = {
+            sig: signal.signal(sig, lambda *_: loop.call_soon_threadsafe(sidecar.request_stop))
+            for sig in stops
+        }
+        _no_reload_signal()
+
+        def restore_handlers() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore_handlers
+    handled = list(stops)
+    if hangup is None:
+        _no_reload_signal()
+    else:
+        loop.add_signal_handler(hangup, sidecar.reload_all)
+        handled.append(hangup)
+
+    def remove_handlers() -> None:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+    return remove_handlers
+
+
+def _no_reload_signal() -> None:
+    log.debug(
+        "this platform has no SIGHUP: credential files are read again when they change "
+        "(looked at every %.0f s), destinations every `refresh`; restart the sidecar to "
+        "load them at once",
+        FILE_POLL_INTERVAL,
+    )

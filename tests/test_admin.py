@@ -26,6 +26,7 @@ from sidecar.config import CredentialsConfig, InboundConfig
 from sidecar.pki import Issued
 from sidecar.sources import FileSource
 from tests.conftest import PKI, Running, eventually, free_port, key_material, route_config
+from tests.test_proxy import assert_sidecar_error, raw
 from tests.upstreams import FakeUpstream
 
 TOKEN = "t" * 32
@@ -163,8 +164,9 @@ async def test_status_describes_every_route(
     assert [r["name"] for r in body["routes"]] == ["main", "dead"]
     leaf = pki.client.cert
     main = route_entry(body, "main")
-    # As configured, or as bound (port 0 picks a free one).
-    assert main["listen"] in ("127.0.0.1:0", setup.url.removeprefix("http://"))
+    # As bound: the configured port 0 picked a free one.
+    assert main["listen"] == setup.url.removeprefix("http://")
+    assert route_entry(body, "dead")["listen"] == setup.url_of(1).removeprefix("http://")
     assert main["upstream"] == setup.upstream
     assert route_entry(body, "dead")["upstream"].startswith("https://127.0.0.1:")
     assert main["company_id"] == "ACME1234"
@@ -181,6 +183,14 @@ async def test_status_describes_every_route(
     assert main["counters"] == {"requests": 0, "upstream_errors": 0}
     assert main["last_upstream_error"] is None
     assert main["ready"] is True
+
+
+async def test_status_finds_the_company_id_whatever_the_header_case(
+    serve: Any, client: aiohttp.ClientSession
+) -> None:
+    """A destination (or `headers`) may spell it ``SuccessFactors-CompanyId``."""
+    setup = await serve(company_id=None, headers={"SuccessFactors-CompanyId": "CASED42"})
+    assert route_entry(await status(client, setup.url), "main")["company_id"] == "CASED42"
 
 
 async def test_uptime_grows(serve: Any, client: aiohttp.ClientSession) -> None:
@@ -424,10 +434,9 @@ async def test_an_unknown_admin_endpoint_is_a_json_404(
     serve: Any, client: aiohttp.ClientSession
 ) -> None:
     setup = await serve()
-    code, body = await get_json(client, f"{setup.url}/-/foo")
-    assert code == 404
-    assert body["error"]["code"] == "not_found"
-    assert "/-/foo" in body["error"]["message"]
+    async with client.get(f"{setup.url}/-/foo") as resp:
+        assert_sidecar_error(resp.status, resp.headers, await resp.read(), "not_found", 404)
+        assert "/-/foo" in (await resp.json())["error"]["message"]
     assert setup.fake.requests == 0  # never forwarded
 
 
@@ -438,9 +447,30 @@ async def test_admin_endpoints_answer_get_only(
 ) -> None:
     setup = await serve()
     async with client.request(method, f"{setup.url}/-/{endpoint}") as resp:
-        assert resp.status == 405
-        body = await resp.json()
-    assert body["error"]["code"] == "method_not_allowed"
+        body = await resp.read()
+        assert_sidecar_error(resp.status, resp.headers, body, "method_not_allowed", 405)
+        assert resp.headers["Allow"] == "GET, HEAD"
+    assert setup.fake.requests == 0
+
+
+@pytest.mark.parametrize("endpoint", ["health", "status", "nothing-here"])
+async def test_an_absolute_form_admin_request_for_another_host_is_forbidden(
+    serve: Any, endpoint: str
+) -> None:
+    """`GET http://other.host/-/status` (a client using the sidecar as its proxy) is
+    meant for another server: refused before anything else, as the proxy refuses it."""
+    setup = await serve()
+    port = int(setup.url.rsplit(":", 1)[1])
+    request = f"GET http://other.host/-/{endpoint} HTTP/1.1\r\nHost: other.host\r\n\r\n"
+    (answer,) = await raw(port, request.encode())
+    assert_sidecar_error(answer.status, answer.headers, answer.body, "forbidden_target", 403)
+    assert b"other.host" in answer.body
+    # The route's own upstream host in absolute form is still this sidecar's to answer.
+    own = setup.upstream.removeprefix("https://")
+    (answer,) = await raw(
+        port, f"GET http://{own}/-/health HTTP/1.1\r\nHost: {own}\r\n\r\n".encode()
+    )
+    assert answer.status == 200, answer.body
     assert setup.fake.requests == 0
 
 

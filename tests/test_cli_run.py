@@ -10,6 +10,7 @@ events the upstream sets, or poll with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import http.client
 import resource
@@ -449,3 +450,30 @@ def test_check_probe_unreachable(pki: PKI, tmp_path: Path) -> None:
     assert code == 1, output
     assert "NOT ACCEPTED" in output
     assert "cannot connect" in output
+
+
+# ------------------------------------------------------------------ the event loop
+
+
+def _loop_of_the_runner() -> type:
+    from sidecar.cli import _event_loop_runner
+
+    seen: list[type] = []
+
+    async def record() -> None:
+        seen.append(type(asyncio.get_running_loop()))
+
+    _event_loop_runner()(record())
+    return seen[0]
+
+
+def test_run_uses_asyncio_where_uvloop_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS without the `speed` extra, and Windows (uvloop has no Windows build)."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    loop_class = _loop_of_the_runner()
+    assert loop_class.__module__.startswith("asyncio.")
+
+
+def test_run_uses_uvloop_when_it_is_installed() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    assert _loop_of_the_runner() is uvloop.Loop

@@ -758,6 +758,7 @@ def spy_load_cert_chain(monkeypatch):
         seen["path"] = str(certfile)
         seen["keyfile"] = keyfile
         seen["mode"] = stat.S_IMODE(os.stat(certfile).st_mode)
+        seen["dir_mode"] = stat.S_IMODE(os.stat(os.path.dirname(certfile)).st_mode)
         seen["link"] = os.readlink(certfile) if str(certfile).startswith("/proc/") else None
         with real_open(certfile, "rb") as f:
             seen["content"] = f.read()
@@ -827,10 +828,11 @@ def test_fallback_temporary_file_is_private_and_removed(
 
     seen = spy_load_cert_chain
     path = Path(seen["path"])
-    assert path.parent == tmp
+    assert path.parent.parent == tmp  # in a directory of its own ...
+    assert seen["dir_mode"] == 0o700  # ... that no other user can even list
     assert seen["mode"] == 0o600  # while OpenSSL read it
     assert b"PRIVATE KEY" in seen["content"]
-    assert not path.exists()  # removed at once
+    assert not path.exists() and not path.parent.exists()  # removed at once
     assert _files(tmp_path) == before
     with tls_server(pki.server_context(require_client_cert=True)) as (port, server_seen):
         assert talk(ctx, port) == b"hello"
@@ -852,5 +854,5 @@ def test_fallback_temporary_file_is_removed_when_loading_fails(bundle_file, tmp_
     monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", failing_load)
     with pytest.raises(ssl.SSLError, match="simulated failure"):
         client_ssl_context(identity)
-    assert used and not Path(used[0]).exists()
+    assert used and not Path(used[0]).exists() and not Path(used[0]).parent.exists()
     assert list(tmp.iterdir()) == []

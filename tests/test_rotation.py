@@ -496,6 +496,50 @@ async def test_reload_all_loads_a_changed_file_at_once(
     print(f"\nreload_all: new serial seen after {latency:.3f}s")
 
 
+class GatedSource:
+    """A route's source whose loads wait for ``gate``; ``changed()`` never says yes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.description = inner.description
+        self.poll_interval = inner.poll_interval
+        self.loads = 0
+        self.load_started = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def changed(self) -> bool:
+        return False
+
+    async def load(self) -> Any:
+        self.loads += 1
+        self.load_started.set()
+        await self.gate.wait()
+        return await self.inner.load()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_sighup_during_a_reload_is_followed_by_another_reload(serve: Any) -> None:
+    """Each SIGHUP leads to a load that starts after it, even when one is running:
+    the files may have changed again since that load read them."""
+    setup = await serve()
+    sidecar = setup.running.sidecar
+    (rt,) = sidecar.routes
+    source = GatedSource(rt.source)
+    rt.source = source
+
+    sidecar.reload_all()
+    await asyncio.wait_for(source.load_started.wait(), SIGHUP_WITHIN)
+    source.load_started.clear()
+    sidecar.reload_all()  # while the first reload waits at the gate
+    await asyncio.sleep(0)  # the loop turns at least once before the load goes on
+    source.gate.set()
+    await asyncio.wait_for(source.load_started.wait(), SIGHUP_WITHIN)
+    assert source.loads == 2
+    assert rt.last_error is None
+
+
 def padded(data: bytes, size: int) -> bytes:
     """``data`` with trailing newlines up to ``size`` bytes (PEM allows them)."""
     assert len(data) <= size
