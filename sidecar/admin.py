@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from sidecar.metrics import CONTENT_TYPE
-from sidecar.proxy import TOKEN_MISSING, _absolute_form, _same_host
+from sidecar.proxy import TOKEN_MISSING
 from sidecar.upstream_errors import (
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
@@ -53,7 +53,7 @@ class Admin:
         return path.startswith(self.prefix)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        foreign = self._foreign_host(request)
+        foreign = self.proxy.foreign_target(request)
         if foreign is not None:
             # `GET http://other.host/-/status` is meant for another server: never ours to answer.
             return error_response(FORBIDDEN_TARGET, foreign)
@@ -83,16 +83,3 @@ class Admin:
                 body=self.sidecar.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
             )
         return error_response(NOT_FOUND, f"no admin endpoint {request.path}")
-
-    def _foreign_host(self, request: web.BaseRequest) -> str | None:
-        """Why an absolute-form target is not this route's, or None (the proxy's rule)."""
-        if not _absolute_form(request):
-            return None
-        generation = self.runtime.client.current
-        if generation is not None and _same_host(request.url, generation.target):
-            return None
-        upstream = generation.target.upstream.host if generation else "not known yet"
-        return (
-            f"{request.url.host} is not this route's upstream ({upstream}); "
-            "the sidecar is not an open proxy"
-        )

@@ -28,8 +28,9 @@ from sidecar.config import (
     UpstreamURL,
 )
 from sidecar.fakesf import fake_successfactors_app
+from sidecar.listener import bound_port
 from sidecar.pki import DemoPKI, write_demo_pki
-from sidecar.server import Sidecar, bound_port
+from sidecar.server import Sidecar
 
 DEMO_COMPANY_ID = "DEMO1234"
 

@@ -55,13 +55,16 @@ The response side (the end of this module, used by the proxy) relies on:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import http_parser, web
+from aiohttp import HttpVersion11, http_parser, web
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     BadHttpMethod,
@@ -236,6 +239,8 @@ class _Protocol(RequestHandler):
 
     _head_timer: asyncio.TimerHandle | None = None
     _between_requests = False  # the next bytes start a new request head
+    waiting = False  # for a slot (ListenerServer.admit)
+    _held = b""  # what was read while waiting
 
     def __init__(self, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -253,11 +258,22 @@ class _Protocol(RequestHandler):
 
     def admitted(self) -> None:
         """The connection got a slot: read it; its first head must come soon."""
+        self.waiting = False
         if self.transport is not None:
             self.transport.resume_reading()
         self._start_head_timer()
+        held, self._held = self._held, b""
+        if held:
+            self.data_received(held)
 
     def data_received(self, data: bytes) -> None:
+        if self.waiting:
+            # uvloop starts reading after connection_made() even when the protocol paused
+            # the transport there: hold that one read and pause again until admitted.
+            self._held += data
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         if self._between_requests:
             # The first bytes of the next request: the rest of its head must follow.
             self._between_requests = False
@@ -357,6 +373,7 @@ class ListenerServer(web.Server):
             self._active.add(protocol)
             protocol.admitted()
             return
+        protocol.waiting = True
         if protocol.transport is not None:
             protocol.transport.pause_reading()
         self._waiting.append(protocol)
@@ -421,14 +438,6 @@ async def start_listener(
 #   and abort (a TCP reset instead of a FIN);
 # - `bytes_received`: the request `StreamReader`'s undocumented ``total_bytes``
 #   counter (``total_raw_bytes``, its documented twin, only exists from aiohttp 3.13).
-#
-# (Its imports stay here, with the section, until the module's imports are merged.)
-
-import contextlib  # noqa: E402
-import socket  # noqa: E402
-import struct  # noqa: E402
-
-from aiohttp import HttpVersion11  # noqa: E402
 
 
 class RelayedStream(web.StreamResponse):

@@ -43,7 +43,7 @@ from aiohttp import HttpVersion, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.config import RouteConfig
+from sidecar.config import RouteConfig, UpstreamURL
 from sidecar.headers import HOP_BY_HOP
 from sidecar.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
 from sidecar.logs import access_logger, redact_query
@@ -174,6 +174,24 @@ class RouteProxy:
         self._query_values = query_values
         self._max_body = route.limits.max_body
 
+    def foreign_target(self, request: web.BaseRequest) -> str | None:
+        """Why an absolute-form target is not this route's upstream, or None.
+
+        Checked before anything else, admin paths included: ``GET http://other/-/status``
+        is meant for another server. Before credentials name the upstream, the
+        configured one is used; with neither known, no absolute form is served.
+        """
+        if not _absolute_form(request):
+            return None
+        generation = self.client.current
+        upstream = generation.target.upstream if generation else self.route.upstream
+        if upstream is not None and _same_host(request.url, upstream):
+            return None
+        return (
+            f"{request.url.host} is not this route's upstream "
+            f"({upstream.host if upstream else 'not known yet'}); the sidecar is not an open proxy"
+        )
+
     def token_ok(self, request: web.BaseRequest) -> bool:
         """True unless a token is configured and the request lacks it (constant time)."""
         if self._token is None:
@@ -247,6 +265,9 @@ class RouteProxy:
             raise _Refused(
                 FORBIDDEN_TARGET, "CONNECT tunnels are not served: the sidecar is not an open proxy"
             )
+        foreign = self.foreign_target(request)
+        if foreign is not None:
+            raise _Refused(FORBIDDEN_TARGET, foreign)
         if not self.token_ok(request):
             raise _Refused(INBOUND_AUTH_REQUIRED, TOKEN_MISSING)
         generation = self.client.current
@@ -258,12 +279,6 @@ class RouteProxy:
             )
         target = generation.target
         absolute = _absolute_form(request)
-        if absolute and not _same_host(request.url, target):
-            raise _Refused(
-                FORBIDDEN_TARGET,
-                f"{request.url.host} is not this route's upstream ({target.upstream.host}); "
-                "the sidecar is not an open proxy",
-            )
         raw = request.url.raw_path_qs if absolute else request.raw_path
         path, _, query = raw.partition("?")
         if not path.startswith("/") or "#" in path or "\\" in path:
@@ -650,10 +665,10 @@ def _log_path(request: web.BaseRequest) -> str:
     return request.raw_path.partition("?")[0]
 
 
-def _same_host(url: URL, target: Target) -> bool:
-    if (url.host or "").lower() != target.upstream.host:
+def _same_host(url: URL, upstream: UpstreamURL) -> bool:
+    if (url.host or "").lower() != upstream.host:
         return False
-    return url.explicit_port is None or url.port in (target.upstream.port, 80, 443)
+    return url.explicit_port is None or url.port in (upstream.port, 80, 443)
 
 
 def _undecodable_header(headers: CIMultiDictProxy[str]) -> str | None:

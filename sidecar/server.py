@@ -34,8 +34,7 @@ from sidecar import __version__
 from sidecar.admin import Admin, readiness
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.listener import bound_port as bound_port  # sidecar.demo imports it from here
-from sidecar.listener import start_listener
+from sidecar.listener import bound_port, start_listener
 from sidecar.metrics import RouteStats, SidecarMetrics
 from sidecar.proxy import RouteProxy
 from sidecar.resources import MemoryTrimmer, raise_file_limit

@@ -31,8 +31,9 @@ from sidecar.config import (
     parse_upstream,
 )
 from sidecar.demo import FakeUpstream, demo_config, fake_successfactors
+from sidecar.listener import bound_port
 from sidecar.pki import CA, Issued
-from sidecar.server import Sidecar, bound_port
+from sidecar.server import Sidecar
 
 ROOT = Path(__file__).resolve().parents[1]
 
