@@ -49,9 +49,9 @@ COLLECTION = HERE / "users.postman_collection.json"
 
 COMPANY_ID = "ACME1234"
 SERVICE = "/odata/v2/sf/"  # CAP serves `service SFService @path: 'sf'` here through the adapter
-USERS = 250  # rows in cap/db/data/interop-Users.csv
+USERS = 250  # the users cap/srv/service.js serves
 PAGE = 100  # cds.query.limit in cap/package.json: CAP pages with __next beyond this
-START_TIMEOUT = 30.0  # seconds for CAP (Node.js, the CDS compiler, SQLite) to listen
+START_TIMEOUT = 30.0  # seconds for CAP (Node.js, the CDS compiler) to listen
 IO_TIMEOUT = 15.0
 
 NO_CERT_TITLE = "No required SSL certificate was sent"
