@@ -35,6 +35,14 @@ import aiohappyeyeballs
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.http_exceptions import BadStatusLine as BadStatusLine
+from aiohttp.http_exceptions import ContentEncodingError as ContentEncodingError
+from aiohttp.http_exceptions import ContentLengthError as ContentLengthError
+from aiohttp.http_exceptions import HttpProcessingError as HttpProcessingError
+from aiohttp.http_exceptions import InvalidHeader as InvalidHeader
+from aiohttp.http_exceptions import LineTooLong as LineTooLong
+from aiohttp.http_exceptions import PayloadEncodingError as PayloadEncodingError
+from aiohttp.http_exceptions import TransferEncodingError as TransferEncodingError
 from aiohttp.resolver import DefaultResolver
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -55,6 +63,30 @@ _STALE = (
 )
 
 
+class PoolTimeoutError(aiohttp.ConnectionTimeoutError):
+    """Every connection of the pool stayed busy for the whole connect timeout."""
+
+    def __init__(self, limit: int, waited: float) -> None:
+        super().__init__(f"all {limit} upstream connections were busy for {waited:g}s")
+        self.limit, self.waited = limit, waited
+
+
+class ClosedAfterHandshakeError(aiohttp.ClientConnectionError):
+    """A new TLS 1.3 connection ended before any answer, the client not yet accepted.
+
+    A TLS 1.3 server checks the client certificate after the client has finished
+    its handshake; many then reset or close the connection, and the alert that
+    says why is lost in the race. Until proven otherwise, that is a refusal.
+    """
+
+
+def _raise_if_refused(conn: UpstreamConnection, exc: BaseException) -> None:
+    if not conn.reused and not conn.answered and conn.unconfirmed_tls13():
+        raise ClosedAfterHandshakeError(
+            "the server closed the connection right after the TLS handshake, before answering"
+        ) from exc
+
+
 class UpstreamConnection(ResponseHandler):
     """One mTLS connection: aiohttp's parser and flow control, plus the pool's bookkeeping."""
 
@@ -63,10 +95,36 @@ class UpstreamConnection(ResponseHandler):
         self._lost = lost
         self.idle_since = 0.0
         self.reused = False
+        self.answered = False  # a byte of an answer arrived
+        self._ssl_object: ssl.SSLObject | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._ssl_object = transport.get_extra_info("ssl_object")  # kept past the close
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.answered = True
+        super().data_received(data)
+
+    def unconfirmed_tls13(self) -> bool:
+        """A full TLS 1.3 handshake after which the server has not yet accepted us.
+
+        The client finishes a TLS 1.3 handshake before the server has checked its
+        certificate; the server sends its session tickets only once it has (OpenSSL,
+        Go, nginx do), so a ticket is the proof that the certificate was accepted.
+        """
+        ssl_object = self._ssl_object
+        if ssl_object is None or ssl_object.version() != "TLSv1.3" or ssl_object.session_reused:
+            return False
+        try:
+            session = ssl_object.session
+        except (ValueError, ssl.SSLError):
+            session = None
+        return session is None or not session.has_ticket
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -166,7 +224,7 @@ class ConnectionPool:
         self._resolver = DefaultResolver()  # the one aiohttp's connector uses
         self._dns: tuple[float, list[Any]] | None = None  # (valid until, addresses)
         self._dns_lock = asyncio.Lock()
-        self._key = ConnectionKey(host, port, True, ssl_context, None, None, None)
+        self._key = connection_key(host, port, ssl_context)
         self._idle: list[UpstreamConnection] = []  # most recently used last
         self._busy: set[UpstreamConnection] = set()
         self._connecting = 0
@@ -191,8 +249,9 @@ class ConnectionPool:
         conn = await self._acquire()
         try:
             return await self._exchange(conn, method, head, body, chunked)
-        except _STALE:
+        except _STALE as exc:
             self.release(conn, reusable=False)
+            _raise_if_refused(conn, exc)
             # A kept-alive connection the upstream closed just before our request is
             # sent again once, on a new connection, if that cannot repeat a side effect
             # (RFC 9112 9.3.1); the other idle ones may be stale too.
@@ -204,6 +263,10 @@ class ConnectionPool:
         conn = await self._acquire(fresh=True)
         try:
             return await self._exchange(conn, method, head, body, chunked)
+        except _STALE as exc:
+            self.release(conn, reusable=False)
+            _raise_if_refused(conn, exc)
+            raise
         except BaseException:
             self.release(conn, reusable=False)
             raise
@@ -271,6 +334,12 @@ class ConnectionPool:
     # ---------------------------------------------------------------- the pool
 
     async def _acquire(self, fresh: bool = False) -> UpstreamConnection:
+        """A connection: an idle one, a new one, or the next free one (waited for).
+
+        The wait for a free slot and the connect share one deadline, timeouts.connect.
+        """
+        timeout = self._connect_timeout
+        deadline = None if timeout is None else self._loop.time() + timeout
         requeued = False
         while True:
             if self.closed:
@@ -299,17 +368,21 @@ class ConnectionPool:
                 self._waiters.append(waiter)
             requeued = True
             try:
-                await waiter  # _wake() pops it first: no search in a long queue
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken, then cancelled: the turn passes to the next
-                else:
-                    with contextlib.suppress(ValueError):
-                        self._waiters.remove(waiter)
-                raise
+                async with asyncio.timeout_at(deadline):
+                    try:
+                        await waiter  # _wake() pops it first: no search in a long queue
+                    except asyncio.CancelledError:
+                        if waiter.done() and not waiter.cancelled():
+                            self._wake()  # woken, then cancelled: the turn passes on
+                        else:
+                            with contextlib.suppress(ValueError):
+                                self._waiters.remove(waiter)
+                        raise
+            except TimeoutError:
+                raise PoolTimeoutError(self._limit, timeout or 0.0) from None
         self._connecting += 1
         try:
-            conn = await self._connect()
+            conn = await self._connect(deadline)
         except BaseException:
             self._wake()  # the slot is free again
             raise
@@ -318,9 +391,9 @@ class ConnectionPool:
         self._busy.add(conn)
         return conn
 
-    async def _connect(self) -> UpstreamConnection:
+    async def _connect(self, deadline: float | None) -> UpstreamConnection:
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 infos = await self._addresses()
                 try:
                     sock = await aiohappyeyeballs.start_connection(
@@ -481,6 +554,13 @@ async def _send_body(
         conn.set_exception(failed)
         return False
     return True
+
+
+def connection_key(
+    host: str, port: int, ssl_context: ssl.SSLContext | bool = True
+) -> ConnectionKey:
+    """The key aiohttp's connector errors name a connection by (``host``, ``port``, TLS)."""
+    return ConnectionKey(host, port, True, ssl_context, None, None, None)
 
 
 def _addr_info(host: str, port: int) -> Any:
