@@ -131,7 +131,11 @@ def rejection_alert(exc: BaseException) -> str | None:
     """The TLS alert reason if ``exc`` (or its cause) is a client-certificate rejection."""
     for e in _chain(exc):
         texts = [getattr(e, "reason", None) or "", str(e)]
-        if isinstance(e, aiohttp.ClientConnectorError):
+        # A certificate error is our verdict on the server, never its alert (and before
+        # aiohttp 3.14 reading its os_error raises AttributeError).
+        if isinstance(e, aiohttp.ClientConnectorError) and not isinstance(
+            e, aiohttp.ClientConnectorCertificateError
+        ):
             texts.append(str(e.os_error))
         for text in texts:
             upper = str(text).upper()

@@ -17,6 +17,38 @@ needs:
   head in one write, a streamed body chunked or with the client's
   Content-Length), and the response head read; the body is the caller's to
   read, then `UpstreamResponse.release` returns the connection when it is clean.
+
+aiohttp internals this module relies on
+---------------------------------------
+
+This is the one module of the client side that touches aiohttp beyond its
+public API, so an aiohttp upgrade is checked here (pyproject.toml caps aiohttp
+below the next minor version for that reason; .ci/floors.txt tests the floor):
+
+- ``aiohttp.client_proto.ResponseHandler``, subclassed as `UpstreamConnection`:
+  ``__init__(loop)``, ``connection_made``, ``connection_lost``,
+  ``data_received``, ``set_exception(exc, cause)``, ``set_response_params``
+  (``skip_payload``, ``read_until_eof``, ``auto_decompress``, ``read_timeout``,
+  ``read_bufsize``), ``read()`` giving ``(message, payload)`` with
+  ``message.code``/``reason``/``headers``, ``start_timeout``,
+  ``_drop_timeout``, ``_drain_helper``, ``writing_paused``, ``should_close``,
+  ``is_connected``, ``closed`` (a future; since 3.12.5), ``close``, ``abort``
+  (since 3.12.11), ``transport``;
+- ``aiohttp.client_reqrep.ConnectionKey``: the 7-field key the connector
+  errors are built with (`connection_key`);
+- the constructors of the client exceptions that `classify` reads:
+  ``ClientConnectorError(key, os_error)`` and its DNS/SSL subclasses,
+  ``ClientConnectorCertificateError(key, certificate_error)``,
+  ``ConnectionTimeoutError``/``ServerTimeoutError(message)``,
+  ``ClientConnectionResetError``;
+- ``aiohttp.http_exceptions``: the parser's exception classes, re-exported
+  here for `upstream_errors.classify` (``HttpProcessingError`` and the
+  subclasses it tells apart);
+- ``aiohttp.streams.StreamReader``: the body stream ``read()`` gives;
+- ``aiohttp.resolver.DefaultResolver``: ``resolve(host, port, family)``
+  returning dicts with ``host`` and ``port``, and ``close()``;
+- ``aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay, interleave,
+  loop)``.
 """
 
 from __future__ import annotations
@@ -106,6 +138,17 @@ class UpstreamConnection(ResponseHandler):
         super().connection_lost(exc)
         self._lost(self)
 
+    def set_exception(self, exc: BaseException, exc_cause: BaseException | None = None) -> None:
+        # aiohttp re-raises a parse error as a bare HttpProcessingError and attaches the
+        # parser's own one (InvalidHeader, BadStatusLine...) only if a read is waiting:
+        # always keep it as the cause, which classify reads instead of the message.
+        if exc_cause is None:
+            super().set_exception(exc)
+            return
+        if exc.__cause__ is None:
+            exc.__cause__ = exc_cause
+        super().set_exception(exc, exc_cause)
+
     def data_received(self, data: bytes) -> None:
         self.answered = True
         super().data_received(data)
@@ -170,6 +213,16 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         return await self.content.read()
+
+    async def read_at_most(self, limit: int) -> bytes:
+        """The body's first ``limit`` bytes (all of it if shorter); the rest is not read."""
+        data = b""
+        while len(data) < limit:
+            chunk = await self.content.read(limit - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
 
     def release(self) -> None:
         """Back to the pool if the exchange ended cleanly; else the connection is closed."""

@@ -415,6 +415,81 @@ async def test_upstream_connect_failed_dns_end_to_end(
     assert "cannot resolve" in error["message"]
 
 
+# ------------------------------------------------------- upstream_bad_response
+
+SECRET = "s3cr3t-session-4711"
+MALFORMED_ANSWERS = {
+    "header-without-colon": f"HTTP/1.1 200 OK\r\nSet-Cookie JSESSIONID={SECRET}\r\n",
+    "space-before-colon": f"HTTP/1.1 200 OK\r\nSet-Cookie : JSESSIONID={SECRET}\r\n",
+    "nul-character": f"HTTP/1.1 200 OK\r\nSet-Cookie: JSESSIONID={SECRET}\x00\r\n",
+    "status-line": f"HTTP/1.1 2OO {SECRET}\r\n",
+}
+
+
+@pytest.mark.parametrize("head", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
+async def test_a_malformed_answer_is_bad_response_and_its_bytes_are_never_repeated(
+    pki: PKI,
+    bundle_file: Path,
+    ca_file: Path,
+    start_sidecar: Any,
+    caplog: pytest.LogCaptureFixture,
+    head: str,
+) -> None:
+    # Issue 12: aiohttp's parse errors quote the offending line, e.g. a Set-Cookie value,
+    # and that text went to the log, the client's JSON and /-/status.
+    def malformed(server: TLSServer, conn: ssl.SSLSocket) -> None:
+        read_request(server, conn)
+        conn.sendall(head.encode("latin-1") + b"Content-Length: 2\r\n\r\nok")
+        close_without_answer_wait(conn)
+
+    caplog.set_level("DEBUG")
+    with TLSServer(server_context(pki), malformed) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/odata/v2/User")
+        status = await fetch(running.url + "/-/status")
+    assert upstream.errors == []
+    error = assert_sidecar_error(answer, "upstream_bad_response")
+    assert "sent a malformed response head" in error["message"], error
+    assert upstream.url.removeprefix("https://") in error["message"]
+    assert status.status == 200 and b"malformed response head" in status.body
+    for where, text in [
+        ("answer", answer.body.decode()),
+        ("log", caplog.text + repr([r.__dict__ for r in caplog.records])),
+        ("/-/status", status.body.decode()),
+    ]:
+        assert SECRET not in text, f"the upstream's bytes leaked into the {where}"
+        assert "JSESSIONID" not in text, f"the upstream's bytes leaked into the {where}"
+
+
+def close_without_answer_wait(conn: ssl.SSLSocket) -> None:
+    """After a bad answer: wait until the client closes (it must not reuse the connection)."""
+    try:
+        while conn.recv(65536):
+            pass
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("cause", "words"),
+    [
+        ("InvalidHeader", "malformed response head (invalid header)"),
+        ("BadStatusLine", "malformed response head (invalid status line)"),
+        ("LineTooLong", "malformed response head (a line too long)"),
+        ("TransferEncodingError", "broken response body (invalid chunked encoding)"),
+        ("ContentEncodingError", "broken response body (a corrupt compressed body)"),
+    ],
+)
+def test_classify_describes_a_parse_error_by_its_class_not_its_text(cause: str, words: str) -> None:
+    underlying = getattr(sidecar.upstream_http, cause)(f"Set-Cookie: sid={SECRET}")
+    raised = sidecar.upstream_http.HttpProcessingError(message=str(underlying))
+    raised.__cause__ = underlying
+    fail = classify(raised, upstream=UPSTREAM)
+    assert (fail.status, fail.code) == (502, "upstream_bad_response")
+    assert fail.message == f"{UPSTREAM} sent a {words}"
+    assert SECRET not in fail.message
+
+
 # ------------------------------------------------------------ upstream_timeout
 
 

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from aiohttp.resolver import ThreadedResolver
 from multidict import CIMultiDict
 
 from sidecar import upstream_http
@@ -913,7 +912,7 @@ async def test_the_upstream_name_is_looked_up_once_for_a_burst(
 ) -> None:
     lookups: list[str] = []
 
-    class Counting(ThreadedResolver):
+    class Counting(aiohttp.ThreadedResolver):
         async def resolve(self, host: str, port: int = 0, family: Any = 0) -> Any:
             lookups.append(host)
             await asyncio.sleep(0.02)  # concurrent connects overlap the lookup
