@@ -113,7 +113,9 @@ class ClosedAfterHandshakeError(aiohttp.ClientConnectionError):
 
 
 def _raise_if_refused(conn: UpstreamConnection, exc: BaseException) -> None:
-    if not conn.reused and not conn.answered and conn.unconfirmed_tls13():
+    # Not once a byte of an answer came (so never on a reused connection): then the
+    # server had taken the certificate, and a reset is a reset.
+    if not conn.answered and conn.unconfirmed_tls13():
         raise ClosedAfterHandshakeError(
             "the server closed the connection right after the TLS handshake, before answering"
         ) from exc
