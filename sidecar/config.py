@@ -95,7 +95,8 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Protection of a listener against clients that send too much or too slowly."""
+    """Protection of a listener against clients that send too much or too slowly, and
+    of the upstream against too many connections at once."""
 
     max_connections: int = 1000  # more wait (unread) until a slot frees
     max_header_size: int = 16384  # bytes of the request line and of each header line
@@ -103,6 +104,9 @@ class LimitsConfig:
     header_timeout: float = 10.0  # a request head must arrive within this (slowloris)
     idle_timeout: float = 75.0  # keep-alive connections idle longer are closed
     max_body: int | None = None  # bytes; larger request bodies get 413
+    # Open upstream connections (one request each) at most; a request waits up to
+    # timeouts.connect for one to free, then gets 504.
+    upstream_connections: int = 100
 
 
 @dataclass(frozen=True)
@@ -703,7 +707,7 @@ class _Reader:
     def limits(self, path: str, v: _Value | None) -> LimitsConfig:
         keys = (
             "max_connections", "max_header_size", "max_headers", "header_timeout",
-            "idle_timeout", "max_body",
+            "idle_timeout", "max_body", "upstream_connections",
         )  # fmt: skip
         m = self.mapping(path, v, keys)
         d = LimitsConfig()
@@ -722,6 +726,12 @@ class _Reader:
                 f"{path}.idle_timeout", m.get("idle_timeout"), d.idle_timeout, minimum=0.1
             ),  # fmt: skip
             max_body=self.size(f"{path}.max_body", m.get("max_body"), None, 1),
+            upstream_connections=self.count(
+                f"{path}.upstream_connections",
+                m.get("upstream_connections"),
+                d.upstream_connections,
+                1,
+            ),
         )
 
     def count(self, path: str, v: _Value | None, default: int, minimum: int) -> int:

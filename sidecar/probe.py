@@ -1,8 +1,10 @@
 """``check --probe``: one real mTLS request to a route's upstream.
 
 It tells apart the three answers a user needs: the server accepted the
-client certificate; it refused it (TLS alert, or 401/403 from the API); or
-it could not be reached at all.
+client certificate; it refused it (a TLS alert, a TLS 1.3 connection closed
+right after the handshake, or an HTTP answer `upstream_errors.http_refusal`
+calls a refusal: 495/496, nginx's 400 pages, 401/403); or it could not be
+reached at all.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from sidecar.config import RouteConfig
 from sidecar.proxy import merge_query
 from sidecar.tls_sessions import ResumingContext
 from sidecar.upstream import Target, route_pool
-from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
+from sidecar.upstream_errors import (
+    CLIENT_CERTIFICATE_REJECTED,
+    REFUSAL_PEEK,
+    REFUSAL_STATUSES,
+    classify,
+    http_refusal,
+)
 
 
 @dataclass(frozen=True)
@@ -37,10 +45,13 @@ async def probe(route: RouteConfig, ctx: ResumingContext, target: Target) -> Pro
     try:
         response = await pool.request("GET", path, CIMultiDict(target.set_headers), None)
         try:
-            await response.read()
+            status = response.status
+            # Only a refusal's page is looked at; any other body is not needed.
+            body_head = (
+                await response.read_at_most(REFUSAL_PEEK) if status in REFUSAL_STATUSES else b""
+            )
         finally:
             response.release()
-        status = response.status
     except Exception as exc:
         fail = classify(exc, upstream=str(upstream))
         rejected = fail.code == CLIENT_CERTIFICATE_REJECTED
@@ -57,18 +68,20 @@ async def probe(route: RouteConfig, ctx: ResumingContext, target: Target) -> Pro
     if ssl_object is not None and ssl_object.version():
         cipher = ssl_object.cipher()
         handshake = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
-    if status in (401, 403):
+    refusal = http_refusal(status, body_head)
+    if refusal is None:
         return ProbeResult(
-            accepted=False,
+            accepted=True,
             handshake=handshake,
             status=status,
-            message=f"the TLS handshake succeeded but {url} answered {status}: check the "
-            "company id and the X.509 certificate mapping (login name) in SuccessFactors "
-            "Security Center",
+            message="the server accepted the client certificate",
         )
-    return ProbeResult(
-        accepted=True,
-        handshake=handshake,
-        status=status,
-        message="the server accepted the client certificate",
-    )
+    if refusal.certain:
+        fail = refusal.failure(str(upstream))
+        message = f"the TLS handshake succeeded but {fail.message} (hint: {fail.hint})"
+    else:
+        message = (
+            f"the TLS handshake succeeded but {url} answered {status}: check the company id "
+            "and the X.509 certificate mapping (login name) in SuccessFactors Security Center"
+        )
+    return ProbeResult(accepted=False, handshake=handshake, status=status, message=message)

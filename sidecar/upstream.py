@@ -26,7 +26,6 @@ from sidecar.upstream_http import ConnectionPool
 
 log = logging.getLogger("sidecar.upstream")
 
-POOL_LIMIT = 100  # open upstream connections per route at most
 KEEPALIVE = 30.0  # seconds an idle upstream connection is kept
 RETIRE_POLL = 0.2  # seconds between checks whether a retired pool is idle
 
@@ -89,12 +88,13 @@ def route_pool(
     ssl_context: ssl.SSLContext,
     *,
     read_timeout: float | None = None,
-    limit: int = POOL_LIMIT,
+    limit: int | None = None,
     keepalive: float = KEEPALIVE,
 ) -> ConnectionPool:
-    """A pool to ``target``'s upstream with the route's TLS name and timeouts.
+    """A pool to ``target``'s upstream with the route's TLS name, timeouts and limits.
 
-    ``read_timeout`` defaults to the route's ``timeouts.read``.
+    ``read_timeout`` defaults to the route's ``timeouts.read``, ``limit`` to its
+    ``limits.upstream_connections``.
     """
     return ConnectionPool(
         target.upstream.host,
@@ -103,7 +103,7 @@ def route_pool(
         server_hostname=route.tls.server_name,
         connect_timeout=route.timeouts.connect,
         read_timeout=route.timeouts.read if read_timeout is None else read_timeout,
-        limit=limit,
+        limit=route.limits.upstream_connections if limit is None else limit,
         keepalive=keepalive,
     )
 

@@ -15,7 +15,19 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+
+from sidecar.upstream_http import (
+    BadStatusLine,
+    ClosedAfterHandshakeError,
+    ContentEncodingError,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+    PayloadEncodingError,
+    PoolTimeoutError,
+    TransferEncodingError,
+)
 
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 UPSTREAM_TLS_FAILED = "upstream_tls_failed"
@@ -119,7 +131,11 @@ def rejection_alert(exc: BaseException) -> str | None:
     """The TLS alert reason if ``exc`` (or its cause) is a client-certificate rejection."""
     for e in _chain(exc):
         texts = [getattr(e, "reason", None) or "", str(e)]
-        if isinstance(e, aiohttp.ClientConnectorError):
+        # A certificate error is our verdict on the server, never its alert (and before
+        # aiohttp 3.14 reading its os_error raises AttributeError).
+        if isinstance(e, aiohttp.ClientConnectorError) and not isinstance(
+            e, aiohttp.ClientConnectorCertificateError
+        ):
             texts.append(str(e.os_error))
         for text in texts:
             upper = str(text).upper()
@@ -182,6 +198,28 @@ def _reason(error: OSError) -> str:
     return str(error.strerror or error)
 
 
+# What was wrong with an answer, by the most specific class aiohttp's parser raised.
+_MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
+    (BadStatusLine, "sent a malformed response head (invalid status line)"),
+    (InvalidHeader, "sent a malformed response head (invalid header)"),
+    (LineTooLong, "sent a malformed response head (a line too long)"),
+    (ContentLengthError, "sent a broken response body (shorter than its Content-Length)"),
+    (TransferEncodingError, "sent a broken response body (invalid chunked encoding)"),
+    (ContentEncodingError, "sent a broken response body (a corrupt compressed body)"),
+    (PayloadEncodingError, "sent a broken response body"),
+    (aiohttp.ClientPayloadError, "sent a broken response body (it ended early or is malformed)"),
+)
+
+
+def _malformed(exc: BaseException) -> str:
+    """What was wrong with the upstream's answer, in words: no byte of the answer."""
+    chain = _chain(exc)
+    for cls, text in _MALFORMED:
+        if any(isinstance(e, cls) for e in chain):
+            return text
+    return "sent a malformed response head"
+
+
 def classify(exc: BaseException, *, upstream: str) -> Failure:
     """Map an exception raised while talking to ``upstream`` to a `Failure`."""
     alert = rejection_alert(exc)
@@ -212,6 +250,22 @@ def classify(exc: BaseException, *, upstream: str) -> Failure:
             "no TLS version or cipher in common with the upstream, or it refused the client "
             "certificate without saying so: check tls settings and the X.509 mapping",
         )
+    if isinstance(exc, ClosedAfterHandshakeError):
+        return failure(
+            CLIENT_CERTIFICATE_REJECTED,
+            f"{upstream} closed the connection right after the TLS handshake, before "
+            "answering: a TLS 1.3 server that refuses the client certificate does this",
+            "client_cert",
+        )
+    if isinstance(exc, PoolTimeoutError):
+        return failure(
+            UPSTREAM_TIMEOUT,
+            f"all {exc.limit} connections to {upstream} were busy for {exc.waited:g}s "
+            "(limits.upstream_connections)",
+            "timeout",
+            "raise the route's limits.upstream_connections, or timeouts.connect to wait "
+            "longer for a free connection; see which requests hold them in the access log",
+        )
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return failure(UPSTREAM_TIMEOUT, f"connecting to {upstream} timed out", "timeout")
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
@@ -231,9 +285,9 @@ def classify(exc: BaseException, *, upstream: str) -> Failure:
     if isinstance(
         exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError | HttpProcessingError
     ):
-        return failure(
-            UPSTREAM_CONNECT_FAILED, f"{upstream} sent an invalid response: {exc}", "protocol"
-        )
+        # Never the exception's text: aiohttp quotes the offending bytes of the answer,
+        # which may be a Set-Cookie or token; the message goes to logs, clients, /-/status.
+        return failure(UPSTREAM_BAD_RESPONSE, f"{upstream} {_malformed(exc)}", "protocol")
     if isinstance(exc, aiohttp.ClientOSError | ConnectionError | OSError):
         return failure(UPSTREAM_CONNECT_FAILED, f"connection to {upstream} failed: {exc}", "reset")
     if isinstance(exc, aiohttp.ClientError):

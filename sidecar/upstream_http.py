@@ -17,6 +17,38 @@ needs:
   head in one write, a streamed body chunked or with the client's
   Content-Length), and the response head read; the body is the caller's to
   read, then `UpstreamResponse.release` returns the connection when it is clean.
+
+aiohttp internals this module relies on
+---------------------------------------
+
+This is the one module of the client side that touches aiohttp beyond its
+public API, so an aiohttp upgrade is checked here (pyproject.toml caps aiohttp
+below the next minor version for that reason; .ci/floors.txt tests the floor):
+
+- ``aiohttp.client_proto.ResponseHandler``, subclassed as `UpstreamConnection`:
+  ``__init__(loop)``, ``connection_made``, ``connection_lost``,
+  ``data_received``, ``set_exception(exc, cause)``, ``set_response_params``
+  (``skip_payload``, ``read_until_eof``, ``auto_decompress``, ``read_timeout``,
+  ``read_bufsize``), ``read()`` giving ``(message, payload)`` with
+  ``message.code``/``reason``/``headers``, ``start_timeout``,
+  ``_drop_timeout``, ``_drain_helper``, ``writing_paused``, ``should_close``,
+  ``is_connected``, ``closed`` (a future; since 3.12.5), ``close``, ``abort``
+  (since 3.12.11), ``transport``;
+- ``aiohttp.client_reqrep.ConnectionKey``: the 7-field key the connector
+  errors are built with (`connection_key`);
+- the constructors of the client exceptions that `classify` reads:
+  ``ClientConnectorError(key, os_error)`` and its DNS/SSL subclasses,
+  ``ClientConnectorCertificateError(key, certificate_error)``,
+  ``ConnectionTimeoutError``/``ServerTimeoutError(message)``,
+  ``ClientConnectionResetError``;
+- ``aiohttp.http_exceptions``: the parser's exception classes, re-exported
+  here for `upstream_errors.classify` (``HttpProcessingError`` and the
+  subclasses it tells apart);
+- ``aiohttp.streams.StreamReader``: the body stream ``read()`` gives;
+- ``aiohttp.resolver.DefaultResolver``: ``resolve(host, port, family)``
+  returning dicts with ``host`` and ``port``, and ``close()``;
+- ``aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay, interleave,
+  loop)``.
 """
 
 from __future__ import annotations
@@ -35,6 +67,14 @@ import aiohappyeyeballs
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.http_exceptions import BadStatusLine as BadStatusLine
+from aiohttp.http_exceptions import ContentEncodingError as ContentEncodingError
+from aiohttp.http_exceptions import ContentLengthError as ContentLengthError
+from aiohttp.http_exceptions import HttpProcessingError as HttpProcessingError
+from aiohttp.http_exceptions import InvalidHeader as InvalidHeader
+from aiohttp.http_exceptions import LineTooLong as LineTooLong
+from aiohttp.http_exceptions import PayloadEncodingError as PayloadEncodingError
+from aiohttp.http_exceptions import TransferEncodingError as TransferEncodingError
 from aiohttp.resolver import DefaultResolver
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -55,6 +95,32 @@ _STALE = (
 )
 
 
+class PoolTimeoutError(aiohttp.ConnectionTimeoutError):
+    """Every connection of the pool stayed busy for the whole connect timeout."""
+
+    def __init__(self, limit: int, waited: float) -> None:
+        super().__init__(f"all {limit} upstream connections were busy for {waited:g}s")
+        self.limit, self.waited = limit, waited
+
+
+class ClosedAfterHandshakeError(aiohttp.ClientConnectionError):
+    """A new TLS 1.3 connection ended before any answer, the client not yet accepted.
+
+    A TLS 1.3 server checks the client certificate after the client has finished
+    its handshake; many then reset or close the connection, and the alert that
+    says why is lost in the race. Until proven otherwise, that is a refusal.
+    """
+
+
+def _raise_if_refused(conn: UpstreamConnection, exc: BaseException) -> None:
+    # Not once a byte of an answer came (so never on a reused connection): then the
+    # server had taken the certificate, and a reset is a reset.
+    if not conn.answered and conn.unconfirmed_tls13():
+        raise ClosedAfterHandshakeError(
+            "the server closed the connection right after the TLS handshake, before answering"
+        ) from exc
+
+
 class UpstreamConnection(ResponseHandler):
     """One mTLS connection: aiohttp's parser and flow control, plus the pool's bookkeeping."""
 
@@ -63,10 +129,47 @@ class UpstreamConnection(ResponseHandler):
         self._lost = lost
         self.idle_since = 0.0
         self.reused = False
+        self.answered = False  # a byte of an answer arrived
+        self._ssl_object: ssl.SSLObject | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._ssl_object = transport.get_extra_info("ssl_object")  # kept past the close
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._lost(self)
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException | None = None) -> None:
+        # aiohttp re-raises a parse error as a bare HttpProcessingError and attaches the
+        # parser's own one (InvalidHeader, BadStatusLine...) only if a read is waiting:
+        # always keep it as the cause, which classify reads instead of the message.
+        if exc_cause is None:
+            super().set_exception(exc)
+            return
+        if exc.__cause__ is None:
+            exc.__cause__ = exc_cause
+        super().set_exception(exc, exc_cause)
+
+    def data_received(self, data: bytes) -> None:
+        self.answered = True
+        super().data_received(data)
+
+    def unconfirmed_tls13(self) -> bool:
+        """A full TLS 1.3 handshake after which the server has not yet accepted us.
+
+        The client finishes a TLS 1.3 handshake before the server has checked its
+        certificate; the server sends its session tickets only once it has (OpenSSL,
+        Go, nginx do), so a ticket is the proof that the certificate was accepted.
+        """
+        ssl_object = self._ssl_object
+        if ssl_object is None or ssl_object.version() != "TLSv1.3" or ssl_object.session_reused:
+            return False
+        try:
+            session = ssl_object.session
+        except (ValueError, ssl.SSLError):
+            session = None
+        return session is None or not session.has_ticket
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -112,6 +215,16 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         return await self.content.read()
+
+    async def read_at_most(self, limit: int) -> bytes:
+        """The body's first ``limit`` bytes (all of it if shorter); the rest is not read."""
+        data = b""
+        while len(data) < limit:
+            chunk = await self.content.read(limit - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
 
     def release(self) -> None:
         """Back to the pool if the exchange ended cleanly; else the connection is closed."""
@@ -166,7 +279,7 @@ class ConnectionPool:
         self._resolver = DefaultResolver()  # the one aiohttp's connector uses
         self._dns: tuple[float, list[Any]] | None = None  # (valid until, addresses)
         self._dns_lock = asyncio.Lock()
-        self._key = ConnectionKey(host, port, True, ssl_context, None, None, None)
+        self._key = connection_key(host, port, ssl_context)
         self._idle: list[UpstreamConnection] = []  # most recently used last
         self._busy: set[UpstreamConnection] = set()
         self._connecting = 0
@@ -191,8 +304,9 @@ class ConnectionPool:
         conn = await self._acquire()
         try:
             return await self._exchange(conn, method, head, body, chunked)
-        except _STALE:
+        except _STALE as exc:
             self.release(conn, reusable=False)
+            _raise_if_refused(conn, exc)
             # A kept-alive connection the upstream closed just before our request is
             # sent again once, on a new connection, if that cannot repeat a side effect
             # (RFC 9112 9.3.1); the other idle ones may be stale too.
@@ -204,6 +318,10 @@ class ConnectionPool:
         conn = await self._acquire(fresh=True)
         try:
             return await self._exchange(conn, method, head, body, chunked)
+        except _STALE as exc:
+            self.release(conn, reusable=False)
+            _raise_if_refused(conn, exc)
+            raise
         except BaseException:
             self.release(conn, reusable=False)
             raise
@@ -271,6 +389,12 @@ class ConnectionPool:
     # ---------------------------------------------------------------- the pool
 
     async def _acquire(self, fresh: bool = False) -> UpstreamConnection:
+        """A connection: an idle one, a new one, or the next free one (waited for).
+
+        The wait for a free slot and the connect share one deadline, timeouts.connect.
+        """
+        timeout = self._connect_timeout
+        deadline = None if timeout is None else self._loop.time() + timeout
         requeued = False
         while True:
             if self.closed:
@@ -299,17 +423,21 @@ class ConnectionPool:
                 self._waiters.append(waiter)
             requeued = True
             try:
-                await waiter  # _wake() pops it first: no search in a long queue
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken, then cancelled: the turn passes to the next
-                else:
-                    with contextlib.suppress(ValueError):
-                        self._waiters.remove(waiter)
-                raise
+                async with asyncio.timeout_at(deadline):
+                    try:
+                        await waiter  # _wake() pops it first: no search in a long queue
+                    except asyncio.CancelledError:
+                        if waiter.done() and not waiter.cancelled():
+                            self._wake()  # woken, then cancelled: the turn passes on
+                        else:
+                            with contextlib.suppress(ValueError):
+                                self._waiters.remove(waiter)
+                        raise
+            except TimeoutError:
+                raise PoolTimeoutError(self._limit, timeout or 0.0) from None
         self._connecting += 1
         try:
-            conn = await self._connect()
+            conn = await self._connect(deadline)
         except BaseException:
             self._wake()  # the slot is free again
             raise
@@ -318,9 +446,9 @@ class ConnectionPool:
         self._busy.add(conn)
         return conn
 
-    async def _connect(self) -> UpstreamConnection:
+    async def _connect(self, deadline: float | None) -> UpstreamConnection:
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 infos = await self._addresses()
                 try:
                     sock = await aiohappyeyeballs.start_connection(
@@ -481,6 +609,13 @@ async def _send_body(
         conn.set_exception(failed)
         return False
     return True
+
+
+def connection_key(
+    host: str, port: int, ssl_context: ssl.SSLContext | bool = True
+) -> ConnectionKey:
+    """The key aiohttp's connector errors name a connection by (``host``, ``port``, TLS)."""
+    return ConnectionKey(host, port, True, ssl_context, None, None, None)
 
 
 def _addr_info(host: str, port: int) -> Any:

@@ -1215,3 +1215,22 @@ def test_load_config_env_expansion(tmp_path: Path) -> None:
         ),
     ):
         load_config(path, env={})
+
+
+# ------------------------------------------------------------ limits.upstream_connections
+
+
+def test_upstream_connections_defaults_to_100_and_is_a_choice() -> None:
+    assert parse(MINIMAL).routes[0].limits.upstream_connections == 100
+    text = MINIMAL + "    limits: {upstream_connections: 8}\n"
+    assert parse(text).routes[0].limits.upstream_connections == 8
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("0", "at least 1"), ("-1", "at least 1"), ("many", "whole number"), ("1.5", "whole number")],
+)
+def test_upstream_connections_must_be_a_positive_count(value: str, problem: str) -> None:
+    text = MINIMAL + f"    limits:\n      upstream_connections: {value}\n"
+    key = "routes[0].limits.upstream_connections"
+    expect_error(text, key, line_of(text, "upstream_conn"), problem)

@@ -27,23 +27,28 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.client_reqrep import ConnectionKey, RequestInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 import sidecar.upstream_http
-from sidecar.config import InboundConfig, Timeouts
+from sidecar.config import InboundConfig, LimitsConfig, Timeouts
 from sidecar.upstream_errors import ERROR_CODES, Failure, classify
+from sidecar.upstream_http import connection_key
 from tests.conftest import PKI, free_port, load_chain, route_config
 from tests.tls_servers import (
+    IO_TIMEOUT,
     ResetServer,
+    ThreadedServer,
     TLSServer,
     close_without_answer,
     post_handshake_auth,
+    read_request,
+    reset,
     reset_after_request,
     respond,
     server_context,
 )
+from tests.upstreams import FakeUpstream
 
 # DESIGN.md, "Errors the sidecar itself answers", copied by hand on purpose:
 # the table in the code must not drift from the contract.
@@ -136,10 +141,6 @@ def ok_app() -> web.Application:
     return app
 
 
-def connection_key(host: str = "upstream.example", port: int = 8443) -> ConnectionKey:
-    return ConnectionKey(host, port, True, True, None, None, None)
-
-
 # ------------------------------------------------- client_certificate_rejected
 
 
@@ -197,6 +198,96 @@ async def test_tls13_post_handshake_authentication(
     subject = dict(pair[0] for pair in cert["subject"])  # type: ignore[attr-defined]
     assert subject["commonName"] == "sidecar-technical-user"
     assert upstream.requests[0].startswith(b"GET /pha HTTP/1.1")
+
+
+class AlertLosingServer(ThreadedServer):
+    """A TLS 1.3 server that refuses our certificate, and the alert saying so is lost.
+
+    The handshake runs through memory buffers, so the server decides what goes on
+    the wire: not the alert its refusal produced. ``ending`` "reset" resets the TCP
+    connection at once; "close" closes cleanly (FIN) and reads what the client still
+    sends until it closes. That is what a client sees when the alert loses the race.
+    """
+
+    def __init__(self, context: ssl.SSLContext, ending: str) -> None:
+        super().__init__()
+        self.context, self.ending = context, ending
+
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(IO_TIMEOUT)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    self.errors.append(AssertionError("the certificate was accepted"))
+                    return
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    data = raw.recv(65536)
+                    if not data:
+                        return
+                    incoming.write(data)
+                except ssl.SSLError as exc:
+                    self.handshake_errors.append(exc)  # the alert stays in ``outgoing``
+                    break
+            if self.ending == "reset":
+                reset(raw)
+                return
+            raw.shutdown(socket.SHUT_WR)
+            while raw.recv(65536):
+                pass
+        except OSError as exc:
+            self.errors.append(exc)
+        finally:
+            with self._lock:
+                self._open.discard(raw)
+            raw.close()
+
+
+@pytest.mark.parametrize("ending", ["reset", "close"])
+async def test_a_tls13_refusal_whose_alert_is_lost_is_still_a_rejection(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any, ending: str
+) -> None:
+    # Issue 12: a renewed certificate the upstream does not trust gave 502
+    # upstream_connect_failed "Connection reset by peer", sending users to check DNS.
+    ctx = server_context(pki, client_ca=pki.other_ca.cert_pem())
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    with AlertLosingServer(ctx, ending) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/odata/v2/User")
+    assert upstream.errors == []
+    assert upstream.handshake_errors, "the server never saw (and refused) our certificate"
+    error = assert_sidecar_error(answer, "client_certificate_rejected")
+    assert "right after the TLS handshake" in error["message"]
+    assert upstream.url.removeprefix("https://") in error["message"]
+    assert "X.509" in error["hint"]
+
+
+def answer_then_reset(server: TLSServer, conn: ssl.SSLSocket) -> None:
+    """Answer the first request with keep-alive; reset the connection at the second."""
+    read_request(server, conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    read_request(server, conn)
+    reset(conn)
+
+
+async def test_a_reset_of_a_reused_connection_is_not_a_rejection(
+    pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    # No session tickets: nothing but the connection's history says the server took us.
+    ctx = server_context(pki)
+    ctx.num_tickets = 0
+    with TLSServer(ctx, answer_then_reset) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        first = await fetch(running.url + "/first")
+        second = await fetch(running.url + "/second", "POST", data=b"not repeated")
+    assert (first.status, first.body) == (200, b"ok")
+    assert upstream.connections == 1
+    assert_sidecar_error(second, "upstream_connect_failed")
+    assert len(upstream.requests) == 2
+    assert upstream.errors == []
 
 
 async def test_handshake_failure_without_a_common_cipher_is_not_blamed_on_the_certificate(
@@ -324,6 +415,81 @@ async def test_upstream_connect_failed_dns_end_to_end(
     assert "cannot resolve" in error["message"]
 
 
+# ------------------------------------------------------- upstream_bad_response
+
+SECRET = "s3cr3t-session-4711"
+MALFORMED_ANSWERS = {
+    "header-without-colon": f"HTTP/1.1 200 OK\r\nSet-Cookie JSESSIONID={SECRET}\r\n",
+    "space-before-colon": f"HTTP/1.1 200 OK\r\nSet-Cookie : JSESSIONID={SECRET}\r\n",
+    "nul-character": f"HTTP/1.1 200 OK\r\nSet-Cookie: JSESSIONID={SECRET}\x00\r\n",
+    "status-line": f"HTTP/1.1 2OO {SECRET}\r\n",
+}
+
+
+@pytest.mark.parametrize("head", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
+async def test_a_malformed_answer_is_bad_response_and_its_bytes_are_never_repeated(
+    pki: PKI,
+    bundle_file: Path,
+    ca_file: Path,
+    start_sidecar: Any,
+    caplog: pytest.LogCaptureFixture,
+    head: str,
+) -> None:
+    # Issue 12: aiohttp's parse errors quote the offending line, e.g. a Set-Cookie value,
+    # and that text went to the log, the client's JSON and /-/status.
+    def malformed(server: TLSServer, conn: ssl.SSLSocket) -> None:
+        read_request(server, conn)
+        conn.sendall(head.encode("latin-1") + b"Content-Length: 2\r\n\r\nok")
+        close_without_answer_wait(conn)
+
+    caplog.set_level("DEBUG")
+    with TLSServer(server_context(pki), malformed) as upstream:
+        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        answer = await fetch(running.url + "/odata/v2/User")
+        status = await fetch(running.url + "/-/status")
+    assert upstream.errors == []
+    error = assert_sidecar_error(answer, "upstream_bad_response")
+    assert "sent a malformed response head" in error["message"], error
+    assert upstream.url.removeprefix("https://") in error["message"]
+    assert status.status == 200 and b"malformed response head" in status.body
+    for where, text in [
+        ("answer", answer.body.decode()),
+        ("log", caplog.text + repr([r.__dict__ for r in caplog.records])),
+        ("/-/status", status.body.decode()),
+    ]:
+        assert SECRET not in text, f"the upstream's bytes leaked into the {where}"
+        assert "JSESSIONID" not in text, f"the upstream's bytes leaked into the {where}"
+
+
+def close_without_answer_wait(conn: ssl.SSLSocket) -> None:
+    """After a bad answer: wait until the client closes (it must not reuse the connection)."""
+    try:
+        while conn.recv(65536):
+            pass
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("cause", "words"),
+    [
+        ("InvalidHeader", "malformed response head (invalid header)"),
+        ("BadStatusLine", "malformed response head (invalid status line)"),
+        ("LineTooLong", "malformed response head (a line too long)"),
+        ("TransferEncodingError", "broken response body (invalid chunked encoding)"),
+        ("ContentEncodingError", "broken response body (a corrupt compressed body)"),
+    ],
+)
+def test_classify_describes_a_parse_error_by_its_class_not_its_text(cause: str, words: str) -> None:
+    underlying = getattr(sidecar.upstream_http, cause)(f"Set-Cookie: sid={SECRET}")
+    raised = sidecar.upstream_http.HttpProcessingError(message=str(underlying))
+    raised.__cause__ = underlying
+    fail = classify(raised, upstream=UPSTREAM)
+    assert (fail.status, fail.code) == (502, "upstream_bad_response")
+    assert fail.message == f"{UPSTREAM} sent a {words}"
+    assert SECRET not in fail.message
+
+
 # ------------------------------------------------------------ upstream_timeout
 
 
@@ -355,6 +521,36 @@ async def test_upstream_timeout_on_read(
     error = assert_sidecar_error(answer, "upstream_timeout")
     assert "in time" in error["message"]
     assert 0.5 <= elapsed < 5, elapsed
+
+
+async def test_upstream_timeout_when_every_upstream_connection_stays_busy(
+    bundle_file: Path, ca_file: Path, start_sidecar: Any, tls_upstream: Any
+) -> None:
+    fake = FakeUpstream()
+    url = await tls_upstream(fake.app())
+    route = route_config(
+        url,
+        bundle_file,
+        ca_file,
+        timeouts=Timeouts(connect=0.5, read=30, shutdown=1),
+        limits=LimitsConfig(upstream_connections=1),
+    )
+    running = await start_sidecar(route)
+    loop = asyncio.get_running_loop()
+    slow = loop.create_task(fetch(running.url + "/slow"))  # holds the one connection
+    try:
+        await asyncio.wait_for(fake.slow_started.wait(), 5)
+        started = time.monotonic()
+        answer = await asyncio.wait_for(fetch(running.url + "/x"), 5)
+        elapsed = time.monotonic() - started
+    finally:
+        fake.release.set()
+    assert (await slow).status == 200
+    error = assert_sidecar_error(answer, "upstream_timeout")
+    assert "all 1 connections" in error["message"], error
+    assert "limits.upstream_connections" in error["message"]
+    assert 0.45 <= elapsed < 2, elapsed
+    assert fake.requests == 1  # the waiting request never reached the upstream
 
 
 def test_classify_connect_timeout() -> None:
@@ -518,12 +714,26 @@ def test_error_codes_are_designs_table() -> None:
 
 
 def _client_errors() -> dict[str, tuple[BaseException, str]]:
-    key = connection_key()
-    info = RequestInfo(URL(UPSTREAM), "GET", CIMultiDictProxy(CIMultiDict()))
+    """One realistic instance of each exception the pool can raise, and its code.
+
+    Keyed by class name (a suffix after "-" marks a second case of a class);
+    getattr keeps classes that older aiohttp versions lack from breaking the import.
+    """
+    key = connection_key("upstream.example", 8443)
+    info = aiohttp.RequestInfo(URL(UPSTREAM), "GET", CIMultiDictProxy(CIMultiDict()))
     verify = ssl.SSLCertVerificationError(
         1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get issuer"
     )
-    return {
+    errors: dict[str, tuple[BaseException, str]] = {
+        "ClientError": (aiohttp.ClientError("request failed"), "upstream_connect_failed"),
+        "ClientConnectionError": (
+            aiohttp.ClientConnectionError("the connection pool is closed"),
+            "upstream_connect_failed",
+        ),
+        "ClientConnectionResetError": (
+            aiohttp.ClientConnectionResetError("Cannot write to closing transport"),
+            "upstream_connect_failed",
+        ),
         "ClientConnectorError": (
             aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connection refused")),
             "upstream_connect_failed",
@@ -550,6 +760,10 @@ def _client_errors() -> dict[str, tuple[BaseException, str]]:
             aiohttp.ClientSSLError(key, ssl.SSLError(1, "[SSL] decryption failed")),
             "upstream_tls_failed",
         ),
+        "ServerConnectionError": (
+            aiohttp.ServerConnectionError("server connection failed"),
+            "upstream_connect_failed",
+        ),
         "ServerDisconnectedError": (aiohttp.ServerDisconnectedError(), "upstream_connect_failed"),
         "ServerTimeoutError": (
             aiohttp.ServerTimeoutError("Timeout on reading"),
@@ -559,7 +773,7 @@ def _client_errors() -> dict[str, tuple[BaseException, str]]:
         "SocketTimeoutError": (aiohttp.SocketTimeoutError("sock_read"), "upstream_timeout"),
         "ClientPayloadError": (
             aiohttp.ClientPayloadError("Response payload is not completed"),
-            "upstream_connect_failed",
+            "upstream_bad_response",
         ),
         "ClientOSError": (
             aiohttp.ClientOSError(104, "Connection reset by peer"),
@@ -573,9 +787,36 @@ def _client_errors() -> dict[str, tuple[BaseException, str]]:
         ),
         "ClientResponseError": (
             aiohttp.ClientResponseError(info, (), status=400, message="Invalid response"),
-            "upstream_connect_failed",
+            "upstream_bad_response",
         ),
     }
+    upload_aborted = getattr(aiohttp, "UploadAbortedError", None)  # aiohttp 3.13+
+    if upload_aborted is not None:
+        errors["UploadAbortedError"] = (
+            upload_aborted("the request body was not sent"),
+            "upstream_connect_failed",
+        )
+    return errors
+
+
+# aiohttp client exceptions our pool cannot raise: it follows no redirects, parses
+# no URL, decodes no JSON, uses no proxy, pins no fingerprint and speaks no WebSocket.
+NOT_FROM_OUR_POOL = frozenset(
+    {
+        "ClientHttpProxyError",
+        "ClientProxyConnectionError",
+        "ContentTypeError",
+        "InvalidURL",
+        "InvalidUrlClientError",
+        "InvalidUrlRedirectClientError",
+        "NonHttpUrlClientError",
+        "NonHttpUrlRedirectClientError",
+        "RedirectClientError",
+        "ServerFingerprintMismatch",
+        "WSMessageTypeError",
+        "WSServerHandshakeError",
+    }
+)
 
 
 @pytest.mark.parametrize(
@@ -591,22 +832,21 @@ def test_classify_maps_every_aiohttp_client_error(exc: BaseException, code: str)
 
 def test_classify_covers_every_client_error_class_of_aiohttp() -> None:
     # A new exception class in aiohttp's list should show up here, not in production.
-    covered = {type(exc) for exc, _ in _client_errors().values()}
-    expected = {
-        aiohttp.ClientConnectorError,
-        aiohttp.ClientConnectorDNSError,
-        aiohttp.ClientConnectorCertificateError,
-        aiohttp.ClientConnectorSSLError,
-        aiohttp.ClientSSLError,
-        aiohttp.ServerDisconnectedError,
-        aiohttp.ServerTimeoutError,
-        aiohttp.ConnectionTimeoutError,
-        aiohttp.SocketTimeoutError,
-        aiohttp.ClientPayloadError,
-        aiohttp.ClientOSError,
-        aiohttp.ClientResponseError,
+    classes = {
+        name: obj
+        for name in aiohttp.client_exceptions.__all__
+        if isinstance(obj := getattr(aiohttp.client_exceptions, name), type)
+        and issubclass(obj, BaseException)
     }
-    assert expected <= covered
+    assert len(classes) > 20, sorted(classes)  # the list is read, not empty
+    examples = _client_errors()
+    constructed = {type(exc).__name__ for exc, _ in examples.values()}
+    missing = set(classes) - NOT_FROM_OUR_POOL - constructed
+    assert not missing, f"add realistic instances of {sorted(missing)} to _client_errors()"
+    for name, (exc, code) in examples.items():
+        assert type(exc) is classes[type(exc).__name__], name  # the class itself, no subclass
+        assert classify(exc, upstream=UPSTREAM).code == code in ERROR_CODES, name
+    assert NOT_FROM_OUR_POOL <= set(classes), "an exclusion aiohttp no longer has"
 
 
 # ------------------------------------------------------------- no retry of a body

@@ -18,6 +18,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from aiohttp.resolver import ThreadedResolver
 from multidict import CIMultiDict
 
 from sidecar import upstream_http
@@ -829,6 +829,30 @@ async def test_a_cancelled_waiter_passes_its_turn_on(
     assert pool.open_connections() == 1
 
 
+async def test_a_wait_for_a_free_connection_counts_against_the_connect_timeout(
+    server: HTTPServer, make_pool: PoolFactory
+) -> None:
+    # Issue 12: with limit 1 and a 0.5 s connect timeout the second request waited on.
+    pool = make_pool(server.port, limit=1, connect_timeout=0.5)
+    held = await pool.request("GET", "/partial", CIMultiDict(), None)  # the one connection
+    started = time.monotonic()
+    try:
+        with pytest.raises(aiohttp.ConnectionTimeoutError) as caught:
+            await asyncio.wait_for(get(pool, "/waiting"), 3)
+        elapsed = time.monotonic() - started
+    finally:
+        held.release()
+    assert 0.45 <= elapsed < 1.5, elapsed
+    failure = classify(caught.value, upstream="https://api.example.com")
+    assert (failure.status, failure.code, failure.kind) == (504, "upstream_timeout", "timeout")
+    assert "all 1 connections to https://api.example.com were busy" in failure.message
+    assert "limits.upstream_connections" in failure.message
+    assert "limits.upstream_connections" in failure.hint
+    assert not pool.busy and pool._waiters == deque()  # no waiter left behind
+    assert await get(pool) == (200, b"ok")  # the freed slot serves the next request
+    assert [head.split(b" ")[1] for head in server.requests] == [b"/partial", b"/"]
+
+
 # ------------------------------------------------------------------ after review
 
 
@@ -888,7 +912,7 @@ async def test_the_upstream_name_is_looked_up_once_for_a_burst(
 ) -> None:
     lookups: list[str] = []
 
-    class Counting(ThreadedResolver):
+    class Counting(aiohttp.ThreadedResolver):
         async def resolve(self, host: str, port: int = 0, family: Any = 0) -> Any:
             lookups.append(host)
             await asyncio.sleep(0.02)  # concurrent connects overlap the lookup
