@@ -235,7 +235,10 @@ class UpstreamResponse:
         clean = writer is None or (writer.done() and not writer.cancelled() and writer.result())
         if writer is not None and not writer.done():
             writer.cancel()  # the upstream answered before it read the whole body
-        self._pool.release(conn, reusable=clean and not conn.should_close)
+        # After a 101 the connection speaks another protocol (aiohttp's pure-Python
+        # parser does not mark it closing as llhttp does).
+        reusable = clean and not conn.should_close and self.status != 101
+        self._pool.release(conn, reusable=reusable)
 
 
 class _InUse:

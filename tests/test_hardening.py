@@ -360,10 +360,11 @@ async def test_a_stalled_upload_is_cut_and_does_not_starve_the_upstream_pool(
     a client held its connection and an upstream connection for 40 s and more, and a pool
     full of them (100 in production) made every other request of the route wait.
     """
-    monkeypatch.setattr("sidecar.upstream.POOL_LIMIT", 1)  # 100 stalled clients, scaled down
     s = await serve(
-        limits=LimitsConfig(header_timeout=0.5, idle_timeout=1),
-        timeouts=Timeouts(connect=1, read=1, shutdown=1),
+        # upstream_connections=1: 100 stalled clients, scaled down
+        limits=LimitsConfig(header_timeout=0.5, idle_timeout=1, upstream_connections=1),
+        # connect=2: the wait for the one connection counts against it (about 0.7 s here)
+        timeouts=Timeouts(connect=2, read=1, shutdown=1),
     )
     reader, writer = await connect(s.port)
     try:
@@ -700,8 +701,8 @@ async def test_upstream_answering_garbage_instead_of_http_is_502(
     with TLSServer(server_context(pki), garbage_after_request) as upstream:
         running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
         answer = await fetch(running.url + "/x")
-    error = assert_sidecar_error(answer, "upstream_connect_failed")
-    assert "invalid response" in error["message"]
+    error = assert_sidecar_error(answer, "upstream_bad_response")
+    assert "malformed response head" in error["message"]
     assert len(upstream.requests) == 1
 
 
