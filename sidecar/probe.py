@@ -14,16 +14,10 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
-from sidecar.proxy import merge_query
+from sidecar.proxy import merge_query, peek_refusal
 from sidecar.tls_sessions import ResumingContext
 from sidecar.upstream import Target, route_pool
-from sidecar.upstream_errors import (
-    CLIENT_CERTIFICATE_REJECTED,
-    REFUSAL_PEEK,
-    REFUSAL_STATUSES,
-    classify,
-    http_refusal,
-)
+from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
 
 
 @dataclass(frozen=True)
@@ -46,10 +40,7 @@ async def probe(route: RouteConfig, ctx: ResumingContext, target: Target) -> Pro
         response = await pool.request("GET", path, CIMultiDict(target.set_headers), None)
         try:
             status = response.status
-            # Only a refusal's page is looked at; any other body is not needed.
-            body_head = (
-                await response.read_at_most(REFUSAL_PEEK) if status in REFUSAL_STATUSES else b""
-            )
+            _, refusal = await peek_refusal(response, "GET")  # the rest is not needed
         finally:
             response.release()
     except Exception as exc:
@@ -68,7 +59,6 @@ async def probe(route: RouteConfig, ctx: ResumingContext, target: Target) -> Pro
     if ssl_object is not None and ssl_object.version():
         cipher = ssl_object.cipher()
         handshake = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
-    refusal = http_refusal(status, body_head)
     if refusal is None:
         return ProbeResult(
             accepted=True,

@@ -74,6 +74,7 @@ from sidecar.upstream_errors import (
     REQUEST_TOO_LARGE,
     UPSTREAM_BAD_RESPONSE,
     Failure,
+    HttpRefusal,
     classify,
     error_response,
     failure,
@@ -322,10 +323,9 @@ class RouteProxy:
                 ),
             )
         try:
-            head = await self._refusal_head(request, upstream)
+            head, refusal = await peek_refusal(upstream, request.method)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self._failed(ex, self._body_failure(exc, target))
-        refusal = http_refusal(upstream.status, _decoded(head, upstream.headers))
         if refusal is not None and refusal.certain:
             return self._failed(ex, refusal.failure(str(target.upstream)))
         headers = filter_headers(upstream.headers, ())
@@ -396,22 +396,6 @@ class RouteProxy:
                 return response
         await response.write_eof()
         return response
-
-    async def _refusal_head(self, request: web.BaseRequest, upstream: UpstreamResponse) -> bytes:
-        """The first `REFUSAL_PEEK` bytes of a 400 (nginx's certificate refusals are 400s).
-
-        Read here so `http_refusal` can look; they are relayed before the rest of the
-        body, so an ordinary 400 reaches the client unchanged.
-        """
-        if upstream.status != 400 or request.method == "HEAD":
-            return b""
-        head = b""
-        while len(head) < REFUSAL_PEEK:
-            more = await upstream.content.read(REFUSAL_PEEK - len(head))
-            if not more:
-                break
-            head += more
-        return head
 
     async def _relay_small(
         self,
@@ -604,6 +588,19 @@ async def _pieces(
             break
     if body is not None and (tail := body.flush()):
         yield tail
+
+
+async def peek_refusal(upstream: UpstreamResponse, method: str) -> tuple[bytes, HttpRefusal | None]:
+    """Whether an answer refuses the client certificate, and the body bytes read to tell.
+
+    Only a 400's body is read, at most `REFUSAL_PEEK` bytes (nginx's refusals are 400
+    pages); the caller relays those bytes before the rest, so an ordinary 400 reaches
+    the client unchanged. The proxy and ``check --probe`` both decide with this.
+    """
+    head = b""
+    if upstream.status == 400 and method != "HEAD":
+        head = await upstream.read_at_most(REFUSAL_PEEK)
+    return head, http_refusal(upstream.status, _decoded(head, upstream.headers))
 
 
 def _decoded(head: bytes, headers: CIMultiDictProxy[str]) -> bytes:

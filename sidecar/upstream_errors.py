@@ -149,8 +149,7 @@ def rejection_alert(exc: BaseException) -> str | None:
 # one of these titles (its internal codes 495/496, which other servers send as is).
 _NGINX_REFUSALS = (b"No required SSL certificate was sent", b"The SSL certificate error")
 _CERT_STATUSES = {495: "SSL Certificate Error", 496: "SSL Certificate Required"}
-#: statuses whose answer may hold a certificate refusal: read this much of the body
-REFUSAL_STATUSES = frozenset({400, 401, 403, *_CERT_STATUSES})
+#: how much of a 400's body is read to find nginx's title
 REFUSAL_PEEK = 4096
 
 

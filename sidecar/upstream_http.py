@@ -460,12 +460,16 @@ class ConnectionPool:
                         interleave=1,
                         loop=self._loop,
                     )
-                    _, conn = await self._loop.create_connection(
-                        lambda: UpstreamConnection(self._loop, self._lost),
-                        sock=sock,
-                        ssl=self._ssl,
-                        server_hostname=self._server_hostname,
-                    )
+                    try:
+                        _, conn = await self._loop.create_connection(
+                            lambda: UpstreamConnection(self._loop, self._lost),
+                            sock=sock,
+                            ssl=self._ssl,
+                            server_hostname=self._server_hostname,
+                        )
+                    except BaseException:
+                        sock.close()  # uvloop leaves it open when the TLS handshake fails
+                        raise
                 except ssl.SSLCertVerificationError as exc:
                     raise aiohttp.ClientConnectorCertificateError(self._key, exc) from exc
                 except ssl.SSLError as exc:
