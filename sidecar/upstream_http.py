@@ -468,7 +468,13 @@ class ConnectionPool:
                             server_hostname=self._server_hostname,
                         )
                     except BaseException:
-                        sock.close()  # uvloop leaves it open when the TLS handshake fails
+                        sock.close()
+                        if sock.fileno() != -1:
+                            # uvloop closed the descriptor through libuv but still holds a
+                            # reference on the socket object, which would close that
+                            # number again (by then perhaps another connection's) when
+                            # collected: let go of it.
+                            sock.detach()
                         raise
                 except ssl.SSLCertVerificationError as exc:
                     raise aiohttp.ClientConnectorCertificateError(self._key, exc) from exc
