@@ -30,12 +30,17 @@ FRAMING = HOP_BY_HOP | {"content-length"}
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (a tab is fine)
 
 
+def has_control(value: str) -> bool:
+    """A line break or control character (not a tab) in a field value: never sent on."""
+    return _CONTROL.search(value) is not None
+
+
 def header_problem(name: str, value: str) -> str | None:
     """Why a route (or its destination) may not set ``name: value``; None if it may."""
     if not HEADER_NAME.match(name):
         return "is not a valid HTTP header name"
     if name.lower() in FRAMING:
         return "cannot be set: the sidecar frames each request itself"
-    if _CONTROL.search(value):
+    if has_control(value):
         return "has a line break or control character in its value"
     return None

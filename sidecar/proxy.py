@@ -44,7 +44,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.config import RouteConfig, UpstreamURL
-from sidecar.headers import HOP_BY_HOP
+from sidecar.headers import HOP_BY_HOP, has_control
 from sidecar.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
 from sidecar.logs import access_logger, redact_query
 from sidecar.metrics import RouteStats
@@ -329,6 +329,15 @@ class RouteProxy:
         if refusal is not None and refusal.certain:
             return self._failed(ex, refusal.failure(str(target.upstream)))
         headers = filter_headers(upstream.headers, ())
+        bad = next((name for name, value in headers.items() if has_control(value)), None)
+        if bad is not None:
+            # The client's side refuses to write it (header injection); the name only, as
+            # the value may hold a secret.
+            message = (
+                f"{target.upstream} sent the header {bad!r} with a control character in "
+                "its value, which cannot be relayed"
+            )
+            return self._failed(ex, failure(UPSTREAM_BAD_RESPONSE, message, "protocol"))
         body: BodyRewriter | None = None
         if target.rewrite_bases:
             body, headers = self._rewriting(request, upstream, target, headers)

@@ -345,3 +345,23 @@ async def test_an_unexpected_exception_is_answered_logged_and_counted(
     assert f" {status} " in line.getMessage()
     (logged,) = [r for r in caplog.records if "internal error while handling" in r.getMessage()]
     assert logged.exc_info is not None and "boom from a bug" in str(logged.exc_info[1])
+
+
+async def test_an_upstream_header_with_a_control_character_is_upstream_bad_response(
+    pki, start_sidecar, bundle_file, ca_file, caplog
+):
+    # Found by review: the relayed header made aiohttp refuse the answer mid-way, and the
+    # client got a closed connection with no status at all.
+    answer = response(
+        "200 OK",
+        b"ok",
+        "Content-Type: text/plain",
+        "X-Upstream: a\x01" + SECRET.decode(),
+        "Content-Length: 2",
+    )
+    with caplog.at_level(logging.DEBUG):
+        got, url = await through(pki, canned(answer), start_sidecar, bundle_file, ca_file)
+    error = assert_sidecar_error(got, "upstream_bad_response")
+    assert "X-Upstream" in error["message"] and "control character" in error["message"]
+    assert SECRET not in got.body and SECRET.decode() not in caplog.text
+    assert await metric(url, "sidecar_upstream_errors_total", kind="protocol") == 1
