@@ -191,7 +191,7 @@ def run(
 @handle_errors
 def demo(port: int) -> None:
     """Run a fake SuccessFactors API and the sidecar in front of it."""
-    from sidecar.demo import run_demo
+    from sidecar.demo.app import run_demo
 
     setup_logging(LogConfig(level="info"))
     _event_loop_runner()(run_demo(port, say=lambda text: click.echo(text)))

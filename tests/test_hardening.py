@@ -59,8 +59,8 @@ from sidecar.config import (
     config_from_flags,
     parse_config,
 )
+from sidecar.demo.pki import CA, Issued, new_key
 from sidecar.errors import ConfigError, CredentialError, PasswordError, SidecarError
-from sidecar.pki import CA, Issued, new_key
 from sidecar.proxy import RouteProxy
 from sidecar.server import Sidecar
 from sidecar.sources import read_file_bundle

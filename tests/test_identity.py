@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from sidecar.demo.pki import Issued, new_key
 from sidecar.errors import CredentialError, PasswordError
 from sidecar.identity import (
     Bundle,
@@ -36,7 +37,6 @@ from sidecar.identity import (
     read_bundle_bytes,
     read_password,
 )
-from sidecar.pki import Issued, new_key
 from tests.conftest import PKI
 
 PASSWORD = b"s3cret pass"

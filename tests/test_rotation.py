@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.certinfo import fingerprint
 from sidecar.config import CredentialsConfig, Timeouts
-from sidecar.pki import Issued
+from sidecar.demo.pki import Issued
 from sidecar.sources import FILE_POLL_INTERVAL, FileSource
 from tests.conftest import PKI, Running, eventually, free_port, route_config, sidecar_env
 
