@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
+from sidecar.credentials.tls_sessions import ResumingContext
 from sidecar.proxy import merge_query, peek_refusal
-from sidecar.tls_sessions import ResumingContext
 from sidecar.upstream import Target, route_pool
 from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
 

@@ -33,12 +33,13 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.admin import Admin, readiness
 from sidecar.config import Config, RouteConfig
+from sidecar.credentials.sources import FILE_POLL_INTERVAL, CredentialSource, Loaded
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.listener import bound_port, start_listener
 from sidecar.metrics import RouteStats, SidecarMetrics
 from sidecar.proxy import RouteProxy
 from sidecar.resources import MemoryTrimmer, raise_file_limit
-from sidecar.sources import FILE_POLL_INTERVAL, CredentialSource, Loaded, source_for
+from sidecar.runtime import source_for
 from sidecar.tasks import TaskGroup
 from sidecar.upstream import UpstreamClient, route_target
 
@@ -316,7 +317,7 @@ def inbound_token(index: int, route: RouteConfig, env: Mapping[str, str]) -> str
 
 def route_status(rt: RouteRuntime) -> dict[str, object]:
     """One route's entry in ``/-/status``: public facts and counters, never a secret."""
-    from sidecar.certinfo import identity_summary
+    from sidecar.credentials.certinfo import identity_summary
 
     generation = rt.client.current
     entry: dict[str, object] = {

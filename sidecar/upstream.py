@@ -16,11 +16,11 @@ import ssl
 from dataclasses import dataclass
 
 from sidecar.config import RouteConfig, UpstreamURL
+from sidecar.credentials.identity import ClientIdentity, client_ssl_context
+from sidecar.credentials.sources import Loaded
 from sidecar.errors import ConfigError
 from sidecar.headers import header_problem
-from sidecar.identity import ClientIdentity, client_ssl_context
 from sidecar.rewrite import upstream_bases
-from sidecar.sources import Loaded
 from sidecar.tasks import TaskGroup
 from sidecar.upstream_http import ConnectionPool
 

@@ -1,4 +1,4 @@
-"""TLS session resumption towards the upstream (sidecar.tls_sessions)."""
+"""TLS session resumption towards the upstream (sidecar.credentials.tls_sessions)."""
 
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ from multidict import CIMultiDict
 
 from sidecar import upstream_http
 from sidecar.config import parse_upstream
+from sidecar.credentials.identity import client_ssl_context, read_bundle
+from sidecar.credentials.sources import Loaded
 from sidecar.errors import ConfigError
-from sidecar.identity import client_ssl_context, read_bundle
-from sidecar.sources import Loaded
 from sidecar.tasks import TaskGroup
 from sidecar.upstream import RETIRE_POLL, UpstreamClient, route_target
 from sidecar.upstream_errors import classify

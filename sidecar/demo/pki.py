@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sidecar.identity import PrivateKey
+from sidecar.credentials.identity import PrivateKey
 
 
 def new_key(kind: str = "ec") -> PrivateKey:

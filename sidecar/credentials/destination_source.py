@@ -15,9 +15,9 @@ import os
 from collections.abc import Mapping
 
 from sidecar.config import CredentialsConfig, DestinationRef, parse_upstream
-from sidecar.destination import DestinationClient, discover_binding
+from sidecar.credentials.destination import DestinationClient, discover_binding
+from sidecar.credentials.sources import Loaded
 from sidecar.errors import DestinationError
-from sidecar.sources import Loaded
 
 
 class DestinationSource:
