@@ -26,10 +26,10 @@ from sidecar.credentials.certinfo import bundle_report, identity_summary
 from sidecar.credentials.identity import Bundle, client_ssl_context, read_bundle, read_password
 from sidecar.credentials.sources import CredentialSource, Loaded
 from sidecar.errors import SidecarError, UsageError
+from sidecar.forward.probe import probe as run_probe
+from sidecar.forward.upstream import route_target
 from sidecar.logs import setup_logging
-from sidecar.probe import probe as run_probe
 from sidecar.runtime import source_for
-from sidecar.upstream import route_target
 
 F = TypeVar("F", bound=Callable[..., Any])
 

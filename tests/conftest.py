@@ -32,7 +32,7 @@ from sidecar.config import (
 )
 from sidecar.demo.app import FakeUpstream, demo_config, fake_successfactors
 from sidecar.demo.pki import CA, Issued
-from sidecar.listener import bound_port
+from sidecar.forward.listener import bound_port
 from sidecar.server import Sidecar
 
 ROOT = Path(__file__).resolve().parents[1]

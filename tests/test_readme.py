@@ -5,7 +5,7 @@
 - Its configuration reference has one row per key of the config dataclasses,
   with the default the code uses, and no row for a key that does not exist.
 - Its troubleshooting tables cover every error code of
-  sidecar.upstream_errors.ERROR_CODES with its status, and every warning
+  sidecar.forward.failures.ERROR_CODES with its status, and every warning
   sidecar.credentials.identity can emit (each is produced here and matched to a row).
 - Every command and option of the CLI is named, and shell completion works
   the way the README says.
@@ -39,8 +39,8 @@ from sidecar.config import (
     parse_size,
 )
 from sidecar.credentials.identity import read_bundle, read_bundle_bytes
-from sidecar.rewrite import should_rewrite
-from sidecar.upstream_errors import ERROR_CODES
+from sidecar.forward.failures import ERROR_CODES
+from sidecar.forward.rewrite import should_rewrite
 from tests.conftest import PKI
 
 ROOT = Path(__file__).resolve().parents[1]

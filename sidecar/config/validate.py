@@ -38,7 +38,7 @@ from sidecar.config.values import (
     parse_upstream,
 )
 from sidecar.errors import ConfigError
-from sidecar.headers import header_problem
+from sidecar.forward.headers import header_problem
 
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -193,7 +193,7 @@ class Reader:
                 raise self.fail(sub, item, "needs a value")
             if "\r" in value or "\n" in value or "\0" in value:
                 raise self.fail(sub, item, "must not contain line breaks or NUL")
-            # The rules a destination's headers meet too (sidecar.headers).
+            # The rules a destination's headers meet too (sidecar.forward.headers).
             problem = header_problem(key, value) if headers else None
             if problem is not None:
                 raise self.fail(sub, item, f"{key!r} {problem}")

@@ -29,7 +29,7 @@ from sidecar.config import (
 )
 from sidecar.demo.fake_sf import fake_successfactors_app
 from sidecar.demo.pki import DemoPKI, write_demo_pki
-from sidecar.listener import bound_port
+from sidecar.forward.listener import bound_port
 from sidecar.server import Sidecar
 
 DEMO_COMPANY_ID = "DEMO1234"

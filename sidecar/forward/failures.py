@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from sidecar.upstream_http import (
+from sidecar.forward.pool import (
     BadStatusLine,
     ClosedAfterHandshakeError,
     ContentEncodingError,

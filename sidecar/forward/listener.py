@@ -76,7 +76,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.config import LimitsConfig
-from sidecar.upstream_errors import BAD_REQUEST, INTERNAL_ERROR, error_response
+from sidecar.forward.failures import BAD_REQUEST, INTERNAL_ERROR, error_response
 
 log = logging.getLogger("sidecar.listener")
 

@@ -19,9 +19,9 @@ Every outcome goes through `_record`, which writes the access line and the
 metrics exactly once, so no path forgets either: a bug (any exception the
 handler did not expect) is answered 500 ``internal_error`` and recorded too.
 Response bodies whose links are rewritten are decoded in bounded pieces
-(`sidecar.rewrite.BodyRewriter`), so a compressed body costs the same memory
+(`sidecar.forward.rewrite.BodyRewriter`), so a compressed body costs the same memory
 whatever it inflates to. aiohttp's server internals this needs live in
-`sidecar.listener`.
+`sidecar.forward.listener`.
 """
 
 from __future__ import annotations
@@ -44,26 +44,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.config import RouteConfig, UpstreamURL
-from sidecar.headers import HOP_BY_HOP
-from sidecar.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
-from sidecar.logs import access_logger, redact_query
-from sidecar.metrics import RouteStats
-from sidecar.rewrite import (
-    BodyDecodeError,
-    BodyRewriter,
-    Decoder,
-    decodable_accept_encoding,
-    local_origin,
-    rewritten_headers,
-    should_rewrite,
-)
-from sidecar.upstream import (
-    REQUEST_ID_HEADER,
-    TOKEN_HEADER,
-    Target,
-    UpstreamClient,
-)
-from sidecar.upstream_errors import (
+from sidecar.forward.failures import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
@@ -80,7 +61,26 @@ from sidecar.upstream_errors import (
     failure,
     http_refusal,
 )
-from sidecar.upstream_http import ConnectionPool, UpstreamResponse
+from sidecar.forward.headers import HOP_BY_HOP
+from sidecar.forward.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
+from sidecar.forward.pool import ConnectionPool, UpstreamResponse
+from sidecar.forward.rewrite import (
+    BodyDecodeError,
+    BodyRewriter,
+    Decoder,
+    decodable_accept_encoding,
+    local_origin,
+    rewritten_headers,
+    should_rewrite,
+)
+from sidecar.forward.upstream import (
+    REQUEST_ID_HEADER,
+    TOKEN_HEADER,
+    Target,
+    UpstreamClient,
+)
+from sidecar.logs import access_logger, redact_query
+from sidecar.metrics import RouteStats
 
 log = logging.getLogger("sidecar.proxy")
 

@@ -15,9 +15,9 @@ from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
 from sidecar.credentials.tls_sessions import ResumingContext
-from sidecar.proxy import merge_query, peek_refusal
-from sidecar.upstream import Target, route_pool
-from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
+from sidecar.forward.failures import CLIENT_CERTIFICATE_REJECTED, classify
+from sidecar.forward.handler import merge_query, peek_refusal
+from sidecar.forward.upstream import Target, route_pool
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from sidecar.config import RouteConfig, UpstreamURL
 from sidecar.credentials.identity import ClientIdentity, client_ssl_context
 from sidecar.credentials.sources import Loaded
 from sidecar.errors import ConfigError
-from sidecar.headers import header_problem
-from sidecar.rewrite import upstream_bases
+from sidecar.forward.headers import header_problem
+from sidecar.forward.pool import ConnectionPool
+from sidecar.forward.rewrite import upstream_bases
 from sidecar.tasks import TaskGroup
-from sidecar.upstream_http import ConnectionPool
 
 log = logging.getLogger("sidecar.upstream")
 
