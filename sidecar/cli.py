@@ -28,8 +28,8 @@ from sidecar.credentials.sources import CredentialSource, Loaded
 from sidecar.errors import SidecarError, UsageError
 from sidecar.forward.probe import probe as run_probe
 from sidecar.forward.upstream import route_target
-from sidecar.logs import setup_logging
 from sidecar.runtime import source_for
+from sidecar.telemetry.logs import setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -28,7 +28,7 @@ from sidecar.errors import SidecarError
 from sidecar.forward.handler import RouteProxy
 from sidecar.forward.listener import bound_port
 from sidecar.forward.upstream import UpstreamClient, route_target
-from sidecar.metrics import RouteStats
+from sidecar.telemetry.metrics import RouteStats
 
 log = logging.getLogger("sidecar")
 

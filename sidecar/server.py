@@ -30,17 +30,17 @@ from collections.abc import Callable, Mapping
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.admin import Admin
+from sidecar.admin.endpoints import Admin
 from sidecar.config import Config, RouteConfig
 from sidecar.credentials.sources import FILE_POLL_INTERVAL
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.forward.handler import RouteProxy
 from sidecar.forward.listener import start_listener
 from sidecar.forward.upstream import UpstreamClient
-from sidecar.metrics import SidecarMetrics
 from sidecar.resources import MemoryTrimmer, raise_file_limit
 from sidecar.runtime import RouteRuntime, readiness, route_status, source_for
 from sidecar.tasks import TaskGroup
+from sidecar.telemetry.metrics import SidecarMetrics
 
 log = logging.getLogger("sidecar")
 

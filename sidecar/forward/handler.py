@@ -79,8 +79,8 @@ from sidecar.forward.upstream import (
     Target,
     UpstreamClient,
 )
-from sidecar.logs import access_logger, redact_query
-from sidecar.metrics import RouteStats
+from sidecar.telemetry.logs import access_logger, redact_query
+from sidecar.telemetry.metrics import RouteStats
 
 log = logging.getLogger("sidecar.proxy")
 

@@ -7,7 +7,7 @@ everything else the sidecar does per request. This module keeps the parts of
 aiohttp that are hard to get right — the C response parser with its flow
 control and read timeout (`ResponseHandler`), the resolver (with a 10 s
 cache) and happy-eyeballs connect, and aiohttp's connection errors, so that
-`upstream_errors.classify` reads them as before — and adds only what a proxy
+`failures.classify` reads them as before — and adds only what a proxy
 needs:
 
 - `ConnectionPool`: keep-alive connections of one identity, most recently used
@@ -42,13 +42,16 @@ below the next minor version for that reason; .ci/floors.txt tests the floor):
   ``ConnectionTimeoutError``/``ServerTimeoutError(message)``,
   ``ClientConnectionResetError``;
 - ``aiohttp.http_exceptions``: the parser's exception classes, re-exported
-  here for `upstream_errors.classify` (``HttpProcessingError`` and the
+  here for `failures.classify` (``HttpProcessingError`` and the
   subclasses it tells apart);
 - ``aiohttp.streams.StreamReader``: the body stream ``read()`` gives;
 - ``aiohttp.resolver.DefaultResolver``: ``resolve(host, port, family)``
   returning dicts with ``host`` and ``port``, and ``close()``;
 - ``aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay, interleave,
   loop)``.
+
+Its length (~640 lines) is that rule's price: every private aiohttp use on the
+client side stays in this one file, so none hides elsewhere.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 It tells apart the three answers a user needs: the server accepted the
 client certificate; it refused it (a TLS alert, a TLS 1.3 connection closed
-right after the handshake, or an HTTP answer `upstream_errors.http_refusal`
+right after the handshake, or an HTTP answer `failures.http_refusal`
 calls a refusal: 495/496, nginx's 400 pages, 401/403); or it could not be
 reached at all.
 """

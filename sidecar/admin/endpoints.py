@@ -22,12 +22,12 @@ from sidecar.forward.failures import (
     error_response,
 )
 from sidecar.forward.handler import TOKEN_MISSING
-from sidecar.metrics import CONTENT_TYPE
 from sidecar.runtime import RouteRuntime, readiness
+from sidecar.telemetry.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from sidecar.forward.handler import RouteProxy
-    from sidecar.metrics import SidecarMetrics
+    from sidecar.telemetry.metrics import SidecarMetrics
 
 
 class Admin:
