@@ -61,7 +61,7 @@ from sidecar.forward.failures import (
     failure,
     http_refusal,
 )
-from sidecar.forward.headers import HOP_BY_HOP
+from sidecar.forward.headers import HOP_BY_HOP, REQUEST_ID_HEADER, TOKEN_HEADER
 from sidecar.forward.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
 from sidecar.forward.pool import ConnectionPool, UpstreamResponse
 from sidecar.forward.rewrite import (
@@ -73,12 +73,7 @@ from sidecar.forward.rewrite import (
     rewritten_headers,
     should_rewrite,
 )
-from sidecar.forward.upstream import (
-    REQUEST_ID_HEADER,
-    TOKEN_HEADER,
-    Target,
-    UpstreamClient,
-)
+from sidecar.forward.upstream import Target, UpstreamClient
 from sidecar.telemetry.logs import access_logger, redact_query
 from sidecar.telemetry.metrics import RouteStats
 

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import re
 
+#: SuccessFactors' company id, set from the route's ``company_id``
+COMPANY_ID_HEADER = "successfactors-companyid"
+#: the inbound token a client sends when the route has ``inbound.token_env``; never forwarded
+TOKEN_HEADER = "X-Sidecar-Token"
+#: a request id the client may send; echoed back and logged, never forwarded
+REQUEST_ID_HEADER = "X-Request-ID"
 #: RFC 9110 field name (a token)
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 #: connection-level headers: never forwarded either way
