@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from sidecar.forward.headers import REQUEST_ID_HEADER
 from sidecar.forward.pool import (
     BadStatusLine,
     ClosedAfterHandshakeError,
@@ -27,7 +29,9 @@ from sidecar.forward.pool import (
     PayloadEncodingError,
     PoolTimeoutError,
     TransferEncodingError,
+    UpstreamResponse,
 )
+from sidecar.forward.rewrite import BodyDecodeError, Decoder
 
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 UPSTREAM_TLS_FAILED = "upstream_tls_failed"
@@ -190,6 +194,30 @@ def http_refusal(status: int, body_head: bytes = b"") -> HttpRefusal | None:
     return None
 
 
+async def peek_refusal(upstream: UpstreamResponse, method: str) -> tuple[bytes, HttpRefusal | None]:
+    """Whether an answer refuses the client certificate, and the body bytes read to tell.
+
+    Only a 400's body is read, at most `REFUSAL_PEEK` bytes (nginx's refusals are 400
+    pages); the caller relays those bytes before the rest, so an ordinary 400 reaches
+    the client unchanged. The proxy and ``check --probe`` both decide with this.
+    """
+    head = b""
+    if upstream.status == 400 and method != "HEAD":
+        head = await upstream.read_at_most(REFUSAL_PEEK)
+    return head, http_refusal(upstream.status, _decoded(head, upstream.headers))
+
+
+def _decoded(head: bytes, headers: CIMultiDictProxy[str]) -> bytes:
+    """The start of a body as text for `http_refusal` (nginx may gzip its error pages)."""
+    encoding = headers.get("Content-Encoding")
+    if not head or encoding is None:
+        return head
+    try:
+        return next(Decoder(encoding, piece=REFUSAL_PEEK).decode(head), b"")
+    except (ValueError, BodyDecodeError):  # an undecodable coding: look at the bytes as sent
+        return head
+
+
 def _reason(error: OSError) -> str:
     # asyncio replaces strerror with "Connect call failed (...)"; the errno still tells.
     if error.errno:
@@ -303,5 +331,5 @@ def error_response(
     response = web.json_response(body, status=status)
     response.headers["X-Sidecar-Error"] = code
     if request_id:
-        response.headers["X-Request-ID"] = request_id
+        response.headers[REQUEST_ID_HEADER] = request_id
     return response

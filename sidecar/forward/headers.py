@@ -1,13 +1,20 @@
 """Which HTTP headers the sidecar forwards, and which a route may set (RFC 9110, 9112).
 
 One place for the rules that the config reader, the route target and the
-proxy all apply, so a header refused in a config file is refused the same
-way when a destination supplies it.
+handler all apply, so a header refused in a config file is refused the same
+way when a destination supplies it: the header names the sidecar reads or
+sets, the Host and request-id grammars, what a route may set, what is never
+forwarded (`filter_headers`), and how a route's query parameters join the
+client's (`merge_query`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
+from urllib.parse import parse_qsl, quote
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 #: SuccessFactors' company id, set from the route's ``company_id``
 COMPANY_ID_HEADER = "successfactors-companyid"
@@ -33,6 +40,10 @@ HOP_BY_HOP = frozenset(
 )
 #: headers that frame a message: the sidecar sets them itself, a route may not
 FRAMING = HOP_BY_HOP | {"content-length"}
+#: a Host header value: a bracketed IP literal or a reg-name, and an optional port
+HOST_VALUE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
+#: an X-Request-ID a client may send: visible ASCII, at most 200 characters
+REQUEST_ID_VALUE = re.compile(r"^[\x21-\x7e]{1,200}$")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (a tab is fine)
 
 
@@ -44,4 +55,52 @@ def header_problem(name: str, value: str) -> str | None:
         return "cannot be set: the sidecar frames each request itself"
     if _CONTROL.search(value):
         return "has a line break or control character in its value"
+    return None
+
+
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def filter_headers(headers: CIMultiDictProxy[str], drop: Collection[str]) -> CIMultiDict[str]:
+    """Copy ``headers`` without hop-by-hop ones, those Connection names, and ``drop``.
+
+    This runs twice per request, so it allocates as little as it can.
+    """
+    named = connection_tokens(headers) if "Connection" in headers else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if (
+            lower not in HOP_BY_HOP
+            and lower not in drop
+            and lower not in named
+            and not lower.startswith("proxy-")
+        ):
+            out.add(name, value)
+    return out
+
+
+def merge_query(query_string: str, extra: dict[str, str]) -> str:
+    """The client's raw query plus ``extra`` parameters it did not send itself."""
+    if not extra:
+        return query_string
+    sent = {name for name, _ in parse_qsl(query_string, keep_blank_values=True)}
+    added = [f"{quote(k, safe='$')}={quote(v, safe='')}" for k, v in extra.items() if k not in sent]
+    return "&".join(p for p in (query_string, *added) if p)
+
+
+def undecodable_header(headers: CIMultiDictProxy[str]) -> str | None:
+    """The name of a header whose bytes were not UTF-8 (aiohttp keeps them as surrogates)."""
+    for name, value in headers.items():
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
     return None

@@ -15,8 +15,8 @@ from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
 from sidecar.credentials.tls_sessions import ResumingContext
-from sidecar.forward.failures import CLIENT_CERTIFICATE_REJECTED, classify
-from sidecar.forward.handler import merge_query, peek_refusal
+from sidecar.forward.failures import CLIENT_CERTIFICATE_REJECTED, classify, peek_refusal
+from sidecar.forward.headers import merge_query
 from sidecar.forward.upstream import Target, route_pool
 
 
