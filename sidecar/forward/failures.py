@@ -122,7 +122,8 @@ def failure(code: str, message: str, kind: str, hint: str | None = None) -> Fail
     return Failure(status, code, message, hint or default_hint, kind)
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from or during, outermost first (the one walker)."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen:
@@ -133,7 +134,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def rejection_alert(exc: BaseException) -> str | None:
     """The TLS alert reason if ``exc`` (or its cause) is a client-certificate rejection."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         texts = [getattr(e, "reason", None) or "", str(e)]
         # A certificate error is our verdict on the server, never its alert (and before
         # aiohttp 3.14 reading its os_error raises AttributeError).
@@ -240,7 +241,7 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 
 def _malformed(exc: BaseException) -> str:
     """What was wrong with the upstream's answer, in words: no byte of the answer."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     for cls, text in _MALFORMED:
         if any(isinstance(e, cls) for e in chain):
             return text

@@ -22,6 +22,10 @@ Response bodies whose links are rewritten are decoded in bounded pieces
 (`sidecar.forward.rewrite.BodyRewriter`), so a compressed body costs the same memory
 whatever it inflates to. aiohttp's server internals this needs live in
 `sidecar.forward.listener`.
+
+Its length (~600 lines) keeps one request's life in one class: refusing,
+preparing, relaying and recording, so that every outcome visibly passes `_record`
+once; the header rules and failure table it applies live in `headers` and `failures`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from sidecar.forward.failures import (
     Failure,
     classify,
     error_response,
+    exception_chain,
     failure,
     peek_refusal,
 )
@@ -564,12 +569,7 @@ def _client_origin(request: web.BaseRequest) -> str:
 
 
 def _client_body_error(exc: BaseException) -> _ClientBodyError | None:
-    current: BaseException | None = exc
-    while current is not None:
-        if isinstance(current, _ClientBodyError):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in exception_chain(exc) if isinstance(e, _ClientBodyError)), None)
 
 
 def _close_watch(
