@@ -44,7 +44,11 @@ FRAMING = HOP_BY_HOP | {"content-length"}
 HOST_VALUE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
 #: an X-Request-ID a client may send: visible ASCII, at most 200 characters
 REQUEST_ID_VALUE = re.compile(r"^[\x21-\x7e]{1,200}$")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (a tab is fine)
+# The one control-character rule: none in a header, but a tab; CR and LF only end its line.
+_CONTROL_CLASS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
+#: a control character in a whole request head, whose lines CR LF end
+CONTROL_IN_HEAD = re.compile(f"[{_CONTROL_CLASS}]")
+_CONTROL = re.compile(rf"[{_CONTROL_CLASS}\r\n]")  # in a field value
 
 
 def header_problem(name: str, value: str) -> str | None:

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import ssl
 import time
@@ -82,6 +81,8 @@ from aiohttp.resolver import DefaultResolver
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.forward.headers import CONTROL_IN_HEAD
+
 # Methods without a body by definition: no `Content-Length: 0` is added (as aiohttp did).
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Replayable on a fresh connection when a reused one turns out closed (RFC 9112 9.3.1).
@@ -90,7 +91,6 @@ READ_BUFSIZE = 2**16
 DNS_TTL = 10.0  # seconds a lookup of the upstream's name is reused (as aiohttp's connector)
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried in parallel (RFC 8305)
 CLOSE_WAIT = 1.0  # seconds close() waits for the connections' TLS close
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # in a head, besides CR LF
 _STALE = (
     aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
@@ -386,7 +386,7 @@ class ConnectionPool:
         if (
             text.count("\n") != len(lines)
             or text.count("\r") != len(lines)
-            or _CONTROL.search(text) is not None
+            or CONTROL_IN_HEAD.search(text) is not None
         ):
             # The parser and the config checks keep these out; this keeps a request single.
             raise ValueError("a header name or value holds a line break or control character")
