@@ -781,7 +781,7 @@ def start_all(
     server_cpu: str | None,
     only_sidecar: str | None = None,
 ) -> tuple[Server, list[Variant], dict[str, int], dict[str, Any]]:
-    from sidecar.pki import write_demo_pki  # the project's own throwaway PKI
+    from sidecar.demo.pki import write_demo_pki  # the project's own throwaway PKI
 
     pki = tmp / "pki"
     write_demo_pki(pki)

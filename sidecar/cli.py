@@ -21,14 +21,15 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from sidecar import __version__, server
-from sidecar.certinfo import bundle_report, identity_summary
 from sidecar.config import Config, LogConfig, RouteFlags, find_config_file, load_config
+from sidecar.credentials.certinfo import bundle_report, identity_summary
+from sidecar.credentials.identity import Bundle, client_ssl_context, read_bundle, read_password
+from sidecar.credentials.sources import CredentialSource, Loaded
 from sidecar.errors import SidecarError, UsageError
-from sidecar.identity import Bundle, client_ssl_context, read_bundle, read_password
-from sidecar.logs import setup_logging
-from sidecar.probe import probe as run_probe
-from sidecar.sources import CredentialSource, Loaded, source_for
-from sidecar.upstream import route_target
+from sidecar.forward.probe import probe as run_probe
+from sidecar.forward.upstream import route_target
+from sidecar.runtime import source_for
+from sidecar.telemetry.logs import setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -191,7 +192,7 @@ def run(
 @handle_errors
 def demo(port: int) -> None:
     """Run a fake SuccessFactors API and the sidecar in front of it."""
-    from sidecar.demo import run_demo
+    from sidecar.demo.app import run_demo
 
     setup_logging(LogConfig(level="info"))
     _event_loop_runner()(run_demo(port, say=lambda text: click.echo(text)))
@@ -384,7 +385,7 @@ def destination() -> None:
 @handle_errors
 def destination_show(name: str, service_key: Path | None, as_json: bool) -> None:
     """Fetch one destination and show it: never a password, secret, token or key."""
-    from sidecar.destination import describe
+    from sidecar.credentials.destination import describe
 
     info = describe(asyncio.run(_fetch_destination(name, service_key)))
     if as_json:
@@ -407,7 +408,7 @@ def destination_show(name: str, service_key: Path | None, as_json: bool) -> None
 
 async def _fetch_destination(name: str, service_key: Path | None) -> Any:
     from sidecar.config import DestinationRef
-    from sidecar.destination import DestinationClient, discover_binding
+    from sidecar.credentials.destination import DestinationClient, discover_binding
 
     binding = discover_binding(DestinationRef(name=name, service_key=service_key), os.environ)
     async with DestinationClient(binding) as client:

@@ -11,6 +11,7 @@ ever reaches the user as a traceback.
     ├── CredentialError     (ValueError)  a bundle cannot be read or is unusable
     │   └── PasswordError                 missing or wrong password
     └── DestinationError    (RuntimeError) the BTP Destination Service said no
+        └── DestinationUnavailable        it cannot be reached now: retry later
 """
 
 from __future__ import annotations
@@ -52,3 +53,9 @@ class PasswordError(CredentialError):
 
 class DestinationError(SidecarError, RuntimeError):
     """The SAP BTP Destination Service could not supply the credentials."""
+
+
+class DestinationUnavailable(DestinationError):
+    """The Destination Service or XSUAA cannot be reached right now; retry later."""
+
+    transient = True

@@ -11,7 +11,7 @@ retries with capped, jittered exponential backoff.
 Afterwards each route keeps its credentials fresh in a background task:
 files are looked at every 2 s (and at once on SIGHUP), destinations are
 re-fetched every ``refresh``. A new identity is validated, then swapped in
-atomically (sidecar.upstream); a failed reload keeps the last good one.
+atomically (sidecar.forward.upstream); a failed reload keeps the last good one.
 """
 
 from __future__ import annotations
@@ -26,114 +26,27 @@ import random
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.admin import Admin, readiness
+from sidecar.admin.endpoints import Admin
 from sidecar.config import Config, RouteConfig
+from sidecar.credentials.sources import FILE_POLL_INTERVAL
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.listener import bound_port, start_listener
-from sidecar.metrics import RouteStats, SidecarMetrics
-from sidecar.proxy import RouteProxy
+from sidecar.forward.handler import RouteProxy
+from sidecar.forward.listener import start_listener
+from sidecar.forward.upstream import UpstreamClient
 from sidecar.resources import MemoryTrimmer, raise_file_limit
-from sidecar.sources import FILE_POLL_INTERVAL, CredentialSource, Loaded, source_for
+from sidecar.runtime import RouteRuntime, readiness, route_status, source_for
 from sidecar.tasks import TaskGroup
-from sidecar.upstream import UpstreamClient, route_target
+from sidecar.telemetry.metrics import SidecarMetrics
 
 log = logging.getLogger("sidecar")
 
 BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
-EXPIRY_WARNING_EVERY = 86400.0
 TRIM_EVERY = 5.0  # seconds between looks at whether a load has ended
-
-
-@dataclass
-class RouteRuntime:
-    """Everything one route needs while serving."""
-
-    index: int
-    route: RouteConfig
-    source: CredentialSource
-    client: UpstreamClient
-    stats: RouteStats
-    proxy: RouteProxy | None = None
-    last_error: str | None = None
-    retry_soon: bool = False  # the last failure was transient: back off, then retry
-    site: web.TCPSite | None = None
-    # Set by every SIGHUP, cleared as a reload starts: a SIGHUP during a reload asks for
-    # another one, so each signal is followed by a load that began after it.
-    reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    _last_expiry_warning: float = 0.0
-
-    @property
-    def where(self) -> str:
-        return f"routes[{self.index}]"
-
-    @property
-    def bound_address(self) -> str:
-        """HOST:PORT actually bound (port 0 in the config picks a free one)."""
-        host = self.route.listen.host
-        port = bound_port(self.site) if self.site is not None else self.route.listen.port
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def apply(self, loaded: Loaded, *, quiet: bool = False) -> None:
-        """Validate the target, then swap the new identity in."""
-        target = route_target(self.route, loaded, self.where)
-        current = self.client.current
-        if (
-            current is not None
-            and current.identity.chain == loaded.identity.chain
-            and current.target == target
-        ):
-            # Nothing changed (a SIGHUP, a touched file): keep the warm connection pool.
-            self.last_error = None
-            self.retry_soon = False
-            self.stats.reloaded(True, None, current.identity.leaf.not_valid_after_utc)
-            log.debug("route %s: credentials reloaded, unchanged", self.route.name)
-            return
-        self.client.install(loaded.identity, target)
-        self.last_error = None
-        self.retry_soon = False
-        leaf = loaded.identity.leaf
-        self.stats.reloaded(True, None, leaf.not_valid_after_utc)
-        if not quiet:
-            log.info("route %s: client certificate loaded: %s (expires %s)", self.route.name,
-                     leaf.subject.rfc4514_string(), leaf.not_valid_after_utc.date())  # fmt: skip
-        self._last_expiry_warning = 0.0
-        self.warn_expiry(loaded.identity.warnings)
-
-    def warn_expiry(self, warnings: tuple[str, ...] = ()) -> None:
-        """Warnings at load; the expiry warning again at most once a day."""
-        now = time.monotonic()
-        if self._last_expiry_warning and now - self._last_expiry_warning < EXPIRY_WARNING_EVERY:
-            return
-        generation = self.client.current
-        if generation is None:
-            return
-        for w in warnings or generation.identity.warnings:
-            log.warning("route %s: %s", self.route.name, w)
-        self._last_expiry_warning = now
-
-    def failed(self, exc: SidecarError) -> None:
-        self.last_error = str(exc)
-        self.retry_soon = exc.transient
-        self.stats.reloaded(False, str(exc), None)
-        keeping = "keeping the last good certificate" if self.client.current else "not ready"
-        log.error("route %s: loading credentials failed (%s): %s", self.route.name, keeping, exc)
-
-    async def reload(self) -> bool:
-        """Load again now; True when a new identity is in place."""
-        try:
-            loaded = await self.source.load()
-            if loaded is not None:
-                self.apply(loaded)
-            return True
-        except SidecarError as exc:
-            self.failed(exc)
-            return False
 
 
 class Sidecar:
@@ -199,7 +112,7 @@ class Sidecar:
     async def _serve(self, rt: RouteRuntime) -> None:
         proxy = rt.proxy
         assert proxy is not None
-        admin = Admin(self, rt, proxy)
+        admin = Admin(self.config.admin_prefix, rt, proxy, status=self.status, metrics=self.metrics)
 
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
             if admin.matches(request.path):
@@ -312,41 +225,6 @@ def inbound_token(index: int, route: RouteConfig, env: Mapping[str, str]) -> str
             hint=f"export {name}=$(openssl rand -hex 32)",
         )
     return token
-
-
-def route_status(rt: RouteRuntime) -> dict[str, object]:
-    """One route's entry in ``/-/status``: public facts and counters, never a secret."""
-    from sidecar.certinfo import identity_summary
-
-    generation = rt.client.current
-    entry: dict[str, object] = {
-        "name": rt.route.name,
-        "listen": rt.bound_address,
-        "upstream": str(generation.target.upstream) if generation else rt.route.upstream,
-        "company_id": generation.target.company_id if generation else rt.route.company_id,
-        "credential_source": rt.source.description,
-        "ready": readiness(rt) is None,
-        "not_ready_reason": readiness(rt),
-    }
-    if generation is not None:
-        summary = identity_summary(generation.identity)
-        entry.update(
-            subject=summary["subject"],
-            issuer=summary["issuer"],
-            not_after=summary["not_after"],
-            days_left=summary["days_left"],
-            sha256=summary["sha256"],
-            loaded_at=generation.loaded_at.isoformat(timespec="seconds"),
-        )
-    s = rt.stats
-    entry["last_refresh"] = s.last_reload or None
-    entry["counters"] = {"requests": s.requests, "upstream_errors": s.upstream_errors}
-    entry["last_upstream_error"] = (
-        {"at": s.last_upstream_error.at, "message": s.last_upstream_error.message}
-        if s.last_upstream_error
-        else None
-    )
-    return entry
 
 
 async def run(config: Config, *, on_ready: asyncio.Event | None = None) -> None:

@@ -30,9 +30,9 @@ from sidecar.config import (
     TLSConfig,
     parse_upstream,
 )
-from sidecar.demo import FakeUpstream, demo_config, fake_successfactors
-from sidecar.listener import bound_port
-from sidecar.pki import CA, Issued
+from sidecar.demo.app import FakeUpstream, demo_config, fake_successfactors
+from sidecar.demo.pki import CA, Issued
+from sidecar.forward.listener import bound_port
 from sidecar.server import Sidecar
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import __version__
 from sidecar.config import CredentialsConfig, InboundConfig
-from sidecar.pki import Issued
-from sidecar.sources import FileSource
+from sidecar.credentials.sources import FileSource
+from sidecar.demo.pki import Issued
 from tests.conftest import PKI, Running, eventually, free_port, key_material, route_config
 from tests.test_proxy import assert_sidecar_error, raw
 from tests.upstreams import FakeUpstream

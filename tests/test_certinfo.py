@@ -7,8 +7,14 @@ import json
 
 from cryptography.hazmat.primitives import hashes
 
-from sidecar.certinfo import bundle_report, days_left, fingerprint, identity_summary, summarize
-from sidecar.identity import read_bundle, read_bundle_bytes
+from sidecar.credentials.certinfo import (
+    bundle_report,
+    days_left,
+    fingerprint,
+    identity_summary,
+    summarize,
+)
+from sidecar.credentials.identity import read_bundle, read_bundle_bytes
 from tests.conftest import PKI
 
 

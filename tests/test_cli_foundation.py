@@ -2,7 +2,7 @@
 
 In-process with click's CliRunner, plus one real ``python -m sidecar`` run to
 prove that a user error reaches the terminal as one line and exit code 2.
-Every certificate is generated at test time (conftest.py, sidecar.pki).
+Every certificate is generated at test time (conftest.py, sidecar.demo.pki).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 import sidecar
-import sidecar.pki
+import sidecar.demo.pki
 from sidecar import __version__
 from sidecar.cli import main
 from sidecar.config import load_config
-from sidecar.pki import Issued, new_key
+from sidecar.demo.pki import Issued, new_key
 from tests.conftest import PKI
 
 P12_PASSWORD = "p12 pass"
@@ -613,9 +613,9 @@ def test_init_to_other_path(runner: CliRunner, tmp_path: Path) -> None:
 
 @pytest.fixture
 def demo_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
-    """What `python -m sidecar.pki certs` and the example config give a new user."""
+    """What `python -m sidecar.demo.pki certs` and the example config give a new user."""
     folder = tmp_path / "demo"
-    assert sidecar.pki.main([str(folder / "certs")]) == 0
+    assert sidecar.demo.pki.main([str(folder / "certs")]) == 0
     printed = capsys.readouterr().out.split()
     assert [Path(p).name for p in printed] == [
         "ca.pem",

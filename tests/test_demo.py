@@ -1,6 +1,6 @@
 """``mtls-sidecar demo``: the fake SuccessFactors API behind the sidecar.
 
-In process, the fake (sidecar.demo.fake_successfactors) and the sidecar with
+In process, the fake (sidecar.demo.app.fake_successfactors) and the sidecar with
 the demo's config answer OData paging through mTLS; the fake alone demands
 the client certificate and the company id. One real ``python -m sidecar
 demo`` process shows the command a new user runs first.
@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from sidecar.demo import DEMO_COMPANY_ID, FakeUpstream, demo_config, fake_successfactors
+from sidecar.demo.app import DEMO_COMPANY_ID, FakeUpstream, demo_config, fake_successfactors
 from sidecar.server import Sidecar
 from tests.conftest import Demo, free_port
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from sidecar.config import DestinationRef
-from sidecar.destination import (
+from sidecar.credentials.destination import (
     Binding,
     Destination,
     DestinationClient,

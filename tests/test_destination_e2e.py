@@ -26,7 +26,7 @@ from sidecar.config import (
     RouteConfig,
     TLSConfig,
 )
-from sidecar.demo import FakeUpstream, fake_successfactors
+from sidecar.demo.app import FakeUpstream, fake_successfactors
 from tests.conftest import PKI, eventually, free_port
 from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 

@@ -32,7 +32,7 @@ import pytest
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.demo import DEMO_COMPANY_ID, FakeUpstream, fake_successfactors
+from sidecar.demo.app import DEMO_COMPANY_ID, FakeUpstream, fake_successfactors
 from tests.conftest import Demo, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -59,12 +59,12 @@ from sidecar.config import (
     config_from_flags,
     parse_config,
 )
+from sidecar.credentials.sources import read_file_bundle
+from sidecar.demo.pki import CA, Issued, new_key
 from sidecar.errors import ConfigError, CredentialError, PasswordError, SidecarError
-from sidecar.pki import CA, Issued, new_key
-from sidecar.proxy import RouteProxy
+from sidecar.forward.failures import _REJECTION_ALERTS
+from sidecar.forward.handler import RouteProxy
 from sidecar.server import Sidecar
-from sidecar.sources import read_file_bundle
-from sidecar.upstream_errors import _REJECTION_ALERTS
 from tests.conftest import PKI, Running, route_config
 from tests.test_proxy import RawResponse, raw, read_response
 from tests.test_proxy import assert_sidecar_error as assert_raw_error

@@ -27,8 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from sidecar.errors import CredentialError, PasswordError
-from sidecar.identity import (
+from sidecar.credentials.identity import (
     Bundle,
     ClientIdentity,
     client_ssl_context,
@@ -36,7 +35,8 @@ from sidecar.identity import (
     read_bundle_bytes,
     read_password,
 )
-from sidecar.pki import Issued, new_key
+from sidecar.demo.pki import Issued, new_key
+from sidecar.errors import CredentialError, PasswordError
 from tests.conftest import PKI
 
 PASSWORD = b"s3cret pass"

@@ -1,7 +1,7 @@
 """The listener's request parsing without llhttp: the same verdicts as llhttp.
 
 aiohttp falls back to its pure-Python parser where its C extension is missing;
-`sidecar.listener.refuse_as_llhttp` makes that parser refuse what llhttp
+`sidecar.forward.listener.refuse_as_llhttp` makes that parser refuse what llhttp
 refuses. The raw-socket battery (tests/test_request_parsing.py) runs on both
 parsers; here the grammar edges are compared with llhttp itself, directly on
 the parsers, including inputs both must accept.
@@ -18,7 +18,7 @@ import pytest
 from aiohttp import http_parser
 from aiohttp.http_exceptions import HttpProcessingError
 
-from sidecar.listener import refuse_as_llhttp
+from sidecar.forward.listener import refuse_as_llhttp
 
 LLHTTP = getattr(http_parser, "HttpRequestParserC", None)
 needs_llhttp = pytest.mark.skipif(LLHTTP is None, reason="aiohttp without its C extension")

@@ -27,9 +27,15 @@ import aiohttp
 import pytest
 
 from sidecar.config import Config, CredentialsConfig, InboundConfig, LogConfig, LogFormat
-from sidecar.logs import JsonFormatter, TextFormatter, access_logger, redact_query, setup_logging
-from sidecar.pki import Issued
+from sidecar.demo.pki import Issued
 from sidecar.server import Sidecar
+from sidecar.telemetry.logs import (
+    JsonFormatter,
+    TextFormatter,
+    access_logger,
+    redact_query,
+    setup_logging,
+)
 from tests.conftest import PKI, free_port, key_material, route_config, write_private
 from tests.upstreams import FakeUpstream
 

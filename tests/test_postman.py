@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.demo import demo_config, fake_successfactors
+from sidecar.demo.app import demo_config, fake_successfactors
 from sidecar.server import Sidecar
 from tests.conftest import ROOT, newman_runner
 

@@ -1,6 +1,6 @@
 """``check --probe`` calls every kind of certificate refusal a rejection (exit 1).
 
-The HTTP-level refusals go through `upstream_errors.http_refusal`, the
+The HTTP-level refusals go through `failures.http_refusal`, the
 classifier the proxy uses too: nginx never fails the handshake over a client
 certificate but answers 400 with one of its own pages, other servers 495/496.
 A TLS 1.3 server that refuses the certificate and closes before its alert

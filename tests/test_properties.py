@@ -25,8 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import parse_config
 from sidecar.errors import ConfigError, UsageError
-from sidecar.headers import HOP_BY_HOP
-from sidecar.proxy import filter_headers, merge_query
+from sidecar.forward.headers import HOP_BY_HOP, filter_headers, merge_query
 
 # derandomize: the same examples on every run and machine, so a result never flickers
 PROPERTY = settings(

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
-import sidecar.proxy
+import sidecar.forward.handler
 from tests.conftest import PKI, route_config
 from tests.test_upstream_errors import Answer, assert_sidecar_error, fetch, raw_exchange
 from tests.tls_servers import Handler, TLSServer, close_cleanly, read_request, server_context
@@ -304,9 +304,9 @@ def broken(*args: Any, **kwargs: Any) -> Any:
     "where, patch",
     [
         # before anything went upstream
-        ("before", lambda mp: mp.setattr(sidecar.proxy, "filter_headers", broken)),
+        ("before", lambda mp: mp.setattr(sidecar.forward.handler, "filter_headers", broken)),
         # after the answer's head went out: the connection is cut instead
-        ("after", lambda mp: mp.setattr(sidecar.proxy, "_close_watch", broken)),
+        ("after", lambda mp: mp.setattr(sidecar.forward.handler, "_close_watch", broken)),
     ],
     ids=["before-the-answer", "after-its-head"],
 )

@@ -5,8 +5,8 @@
 - Its configuration reference has one row per key of the config dataclasses,
   with the default the code uses, and no row for a key that does not exist.
 - Its troubleshooting tables cover every error code of
-  sidecar.upstream_errors.ERROR_CODES with its status, and every warning
-  sidecar.identity can emit (each is produced here and matched to a row).
+  sidecar.forward.failures.ERROR_CODES with its status, and every warning
+  sidecar.credentials.identity can emit (each is produced here and matched to a row).
 - Every command and option of the CLI is named, and shell completion works
   the way the README says.
 - It says which answers link rewriting leaves alone ($batch), as the code does.
@@ -27,7 +27,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-import sidecar.identity
+import sidecar.credentials.identity
 from sidecar.cli import main
 from sidecar.config import (
     Config,
@@ -38,9 +38,9 @@ from sidecar.config import (
     parse_duration,
     parse_size,
 )
-from sidecar.identity import read_bundle, read_bundle_bytes
-from sidecar.rewrite import should_rewrite
-from sidecar.upstream_errors import ERROR_CODES
+from sidecar.credentials.identity import read_bundle, read_bundle_bytes
+from sidecar.forward.failures import ERROR_CODES
+from sidecar.forward.rewrite import should_rewrite
 from tests.conftest import PKI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def warning_rows() -> dict[str, str]:
 
 
 def identity_warnings(pki: PKI, tmp_path: Path) -> dict[str, str]:
-    """Every kind of warning sidecar.identity emits, produced for real."""
+    """Every kind of warning sidecar.credentials.identity emits, produced for real."""
     now = dt.datetime.now(dt.UTC)
     inter = pki.intermediate
     unrelated = pki.other_ca.cert_pem()
@@ -285,8 +285,8 @@ def test_every_identity_warning_has_a_row(pki: PKI, tmp_path: Path):
 
 
 def test_identity_emits_no_warning_this_file_does_not_produce():
-    # A new warning in sidecar/identity.py needs a README row and a case above.
-    source = Path(sidecar.identity.__file__).read_text()
+    # A new warning in sidecar/credentials/identity.py needs a README row and a case above.
+    source = Path(sidecar.credentials.identity.__file__).read_text()
     sites = source.count("warnings.append(") + source.count("warning = (")
     assert sites == 6
 

@@ -18,7 +18,7 @@ with small `LimitsConfig` values on the route).
 Every input goes to both of aiohttp's request parsers, one after the other on
 the same sidecar: llhttp (its C extension) and the pure-Python parser a
 platform without aiohttp's wheels gets (``AIOHTTP_NO_EXTENSIONS=1``), which
-sidecar.listener makes refuse what llhttp refuses. Both must give the same
+sidecar.forward.listener makes refuse what llhttp refuses. Both must give the same
 verdict.
 
 Inputs the sidecar currently accepts are marked ``xfail(strict=True)`` with a

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import UpstreamURL
-from sidecar.rewrite import (
+from sidecar.forward.rewrite import (
     BODY_BOUND_HEADERS,
     BOUNDARY,
     BodyDecodeError,

@@ -1,4 +1,4 @@
-"""Link rewriting through the running proxy (sidecar.rewrite wired into sidecar.proxy)."""
+"""Link rewriting through the running proxy (sidecar.forward.rewrite in sidecar.forward.handler)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-import sidecar.upstream_http
+import sidecar.forward.pool
 from sidecar.config import TLSConfig
 from tests.conftest import route_config
 
@@ -413,7 +413,7 @@ async def test_links_keep_the_origin_the_client_used_with_its_port(
     upstream_app, start_sidecar, bundle_file, ca_file, monkeypatch, mode
 ):
     # An upstream on a port other than 443, and links to it spelled every way.
-    monkeypatch.setattr(sidecar.upstream_http, "DefaultResolver", LoopbackResolver)
+    monkeypatch.setattr(sidecar.forward.pool, "DefaultResolver", LoopbackResolver)
     port: dict[str, int] = {}
 
     async def handler(request: web.Request) -> web.Response:

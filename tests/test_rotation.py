@@ -34,10 +34,10 @@ from aiohttp import web
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.certinfo import fingerprint
 from sidecar.config import CredentialsConfig, Timeouts
-from sidecar.pki import Issued
-from sidecar.sources import FILE_POLL_INTERVAL, FileSource
+from sidecar.credentials.certinfo import fingerprint
+from sidecar.credentials.sources import FILE_POLL_INTERVAL, FileSource
+from sidecar.demo.pki import Issued
 from tests.conftest import PKI, Running, eventually, free_port, route_config, sidecar_env
 
 FAST_POLL = 0.1  # seconds; for tests about what happens once a change is noticed

@@ -1,4 +1,4 @@
-"""TLS session resumption towards the upstream (sidecar.tls_sessions)."""
+"""TLS session resumption towards the upstream (sidecar.credentials.tls_sessions)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.listener import bound_port
+from sidecar.forward.listener import bound_port
 from tests.conftest import PKI, route_config
 
 

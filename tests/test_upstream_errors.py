@@ -31,10 +31,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-import sidecar.upstream_http
+import sidecar.forward.pool
 from sidecar.config import InboundConfig, LimitsConfig, Timeouts
-from sidecar.upstream_errors import ERROR_CODES, Failure, classify
-from sidecar.upstream_http import connection_key
+from sidecar.forward.failures import ERROR_CODES, Failure, classify
+from sidecar.forward.pool import connection_key
 from tests.conftest import PKI, free_port, load_chain, route_config
 from tests.tls_servers import (
     IO_TIMEOUT,
@@ -410,7 +410,7 @@ async def test_upstream_connect_failed_dns_end_to_end(
     monkeypatch: pytest.MonkeyPatch, bundle_file: Path, ca_file: Path, start_sidecar: Any
 ) -> None:
     # The route's pool builds its resolver from this name; no lookup leaves the process.
-    monkeypatch.setattr(sidecar.upstream_http, "DefaultResolver", FailingResolver)
+    monkeypatch.setattr(sidecar.forward.pool, "DefaultResolver", FailingResolver)
     url = "https://api.sf-upstream.test"
     running = await start_sidecar(route_config(url, bundle_file, ca_file))
     answer = await fetch(running.url + "/x")
@@ -484,8 +484,8 @@ def close_without_answer_wait(conn: ssl.SSLSocket) -> None:
     ],
 )
 def test_classify_describes_a_parse_error_by_its_class_not_its_text(cause: str, words: str) -> None:
-    underlying = getattr(sidecar.upstream_http, cause)(f"Set-Cookie: sid={SECRET}")
-    raised = sidecar.upstream_http.HttpProcessingError(message=str(underlying))
+    underlying = getattr(sidecar.forward.pool, cause)(f"Set-Cookie: sid={SECRET}")
+    raised = sidecar.forward.pool.HttpProcessingError(message=str(underlying))
     raised.__cause__ = underlying
     fail = classify(raised, upstream=UPSTREAM)
     assert (fail.status, fail.code) == (502, "upstream_bad_response")

@@ -1,4 +1,4 @@
-"""sidecar.upstream_http: the request head, bodies, the pool and its errors, over real mTLS.
+"""sidecar.forward.pool: the request head, bodies, the pool and its errors, over real mTLS.
 
 Most tests talk to `HTTPServer`, a blocking keep-alive HTTP/1.1 server on a
 TLS socket (tests.tls_servers) that records the raw bytes of every request
@@ -28,15 +28,15 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from sidecar import upstream_http
 from sidecar.config import parse_upstream
+from sidecar.credentials.identity import client_ssl_context, read_bundle
+from sidecar.credentials.sources import Loaded
 from sidecar.errors import ConfigError
-from sidecar.identity import client_ssl_context, read_bundle
-from sidecar.sources import Loaded
+from sidecar.forward import pool as upstream_http
+from sidecar.forward.failures import classify
+from sidecar.forward.pool import ConnectionPool, UpstreamResponse
+from sidecar.forward.upstream import RETIRE_POLL, UpstreamClient, route_target
 from sidecar.tasks import TaskGroup
-from sidecar.upstream import RETIRE_POLL, UpstreamClient, route_target
-from sidecar.upstream_errors import classify
-from sidecar.upstream_http import ConnectionPool, UpstreamResponse
 from tests.conftest import PKI, free_port, route_config
 from tests.tls_servers import IO_TIMEOUT, TLSServer, server_context
 from tests.upstreams import FakeUpstream, pattern_chunks, pattern_sha256

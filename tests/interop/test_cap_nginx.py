@@ -38,7 +38,7 @@ from unittest import mock
 
 import pytest
 
-from sidecar.pki import Issued
+from sidecar.demo.pki import Issued
 from tests.conftest import PKI, ROOT, free_port, missing_tool, write_private
 from tests.test_cli_run import SidecarProcess, run_cli
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
-from sidecar.upstream_http import (
+from sidecar.forward.headers import REQUEST_ID_HEADER
+from sidecar.forward.pool import (
     BadStatusLine,
     ClosedAfterHandshakeError,
     ContentEncodingError,
@@ -27,7 +29,9 @@ from sidecar.upstream_http import (
     PayloadEncodingError,
     PoolTimeoutError,
     TransferEncodingError,
+    UpstreamResponse,
 )
+from sidecar.forward.rewrite import BodyDecodeError, Decoder
 
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 UPSTREAM_TLS_FAILED = "upstream_tls_failed"
@@ -118,7 +122,8 @@ def failure(code: str, message: str, kind: str, hint: str | None = None) -> Fail
     return Failure(status, code, message, hint or default_hint, kind)
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from or during, outermost first (the one walker)."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen:
@@ -129,7 +134,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def rejection_alert(exc: BaseException) -> str | None:
     """The TLS alert reason if ``exc`` (or its cause) is a client-certificate rejection."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         texts = [getattr(e, "reason", None) or "", str(e)]
         # A certificate error is our verdict on the server, never its alert (and before
         # aiohttp 3.14 reading its os_error raises AttributeError).
@@ -190,6 +195,30 @@ def http_refusal(status: int, body_head: bytes = b"") -> HttpRefusal | None:
     return None
 
 
+async def peek_refusal(upstream: UpstreamResponse, method: str) -> tuple[bytes, HttpRefusal | None]:
+    """Whether an answer refuses the client certificate, and the body bytes read to tell.
+
+    Only a 400's body is read, at most `REFUSAL_PEEK` bytes (nginx's refusals are 400
+    pages); the caller relays those bytes before the rest, so an ordinary 400 reaches
+    the client unchanged. The proxy and ``check --probe`` both decide with this.
+    """
+    head = b""
+    if upstream.status == 400 and method != "HEAD":
+        head = await upstream.read_at_most(REFUSAL_PEEK)
+    return head, http_refusal(upstream.status, _decoded(head, upstream.headers))
+
+
+def _decoded(head: bytes, headers: CIMultiDictProxy[str]) -> bytes:
+    """The start of a body as text for `http_refusal` (nginx may gzip its error pages)."""
+    encoding = headers.get("Content-Encoding")
+    if not head or encoding is None:
+        return head
+    try:
+        return next(Decoder(encoding, piece=REFUSAL_PEEK).decode(head), b"")
+    except (ValueError, BodyDecodeError):  # an undecodable coding: look at the bytes as sent
+        return head
+
+
 def _reason(error: OSError) -> str:
     # asyncio replaces strerror with "Connect call failed (...)"; the errno still tells.
     if error.errno:
@@ -212,7 +241,7 @@ _MALFORMED: tuple[tuple[type[BaseException], str], ...] = (
 
 def _malformed(exc: BaseException) -> str:
     """What was wrong with the upstream's answer, in words: no byte of the answer."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     for cls, text in _MALFORMED:
         if any(isinstance(e, cls) for e in chain):
             return text
@@ -303,5 +332,5 @@ def error_response(
     response = web.json_response(body, status=status)
     response.headers["X-Sidecar-Error"] = code
     if request_id:
-        response.headers["X-Request-ID"] = request_id
+        response.headers[REQUEST_ID_HEADER] = request_id
     return response

@@ -2,7 +2,7 @@
 
 It tells apart the three answers a user needs: the server accepted the
 client certificate; it refused it (a TLS alert, a TLS 1.3 connection closed
-right after the handshake, or an HTTP answer `upstream_errors.http_refusal`
+right after the handshake, or an HTTP answer `failures.http_refusal`
 calls a refusal: 495/496, nginx's 400 pages, 401/403); or it could not be
 reached at all.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
-from sidecar.proxy import merge_query, peek_refusal
-from sidecar.tls_sessions import ResumingContext
-from sidecar.upstream import Target, route_pool
-from sidecar.upstream_errors import CLIENT_CERTIFICATE_REJECTED, classify
+from sidecar.credentials.tls_sessions import ResumingContext
+from sidecar.forward.failures import CLIENT_CERTIFICATE_REJECTED, classify, peek_refusal
+from sidecar.forward.headers import merge_query
+from sidecar.forward.upstream import Target, route_pool
 
 
 @dataclass(frozen=True)

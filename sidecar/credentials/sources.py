@@ -4,7 +4,9 @@ A `CredentialSource` yields `Loaded` credentials: the client identity, plus
 what a source may say about the target (the Destination Service supplies the
 URL, headers and query parameters). Two implementations: `FileSource` (PEM or
 PKCS#12 files, re-read when they change) and the Destination Service source
-in sidecar.destination_source.
+in sidecar.credentials.destination_source. Which one a route uses is decided
+above this package (sidecar.runtime.source_for), so this module does not
+import the destination source that implements its protocol.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from sidecar.config import CredentialsConfig, RouteConfig, UpstreamURL
-from sidecar.identity import Bundle, ClientIdentity, read_bundle, read_password
+from sidecar.config import CredentialsConfig, UpstreamURL
+from sidecar.credentials.identity import Bundle, ClientIdentity, read_bundle, read_password
 
 FILE_POLL_INTERVAL = 2.0  # seconds between looks at credential files
 
@@ -103,15 +105,3 @@ class FileSource:
             except OSError:
                 out.append((str(p), 0.0, -1, 0))
         return tuple(out)
-
-
-def source_for(
-    route: RouteConfig, index: int, env: Mapping[str, str] | None = None
-) -> CredentialSource:
-    """The credential source a route's config describes."""
-    where = f"routes[{index}].credentials"
-    if route.credentials.destination is not None:
-        from sidecar.destination_source import DestinationSource  # imports aiohttp client
-
-        return DestinationSource(route.credentials, where=where, env=env)
-    return FileSource(route.credentials, where=where, env=env)

@@ -9,45 +9,44 @@ when one is configured. Nothing here ever shows a key, password or token.
 
 from __future__ import annotations
 
-import datetime as dt
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from sidecar.metrics import CONTENT_TYPE
-from sidecar.proxy import TOKEN_MISSING
-from sidecar.upstream_errors import (
+from sidecar.forward.failures import (
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     error_response,
 )
+from sidecar.forward.handler import TOKEN_MISSING
+from sidecar.runtime import RouteRuntime, readiness
+from sidecar.telemetry.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from sidecar.proxy import RouteProxy
-    from sidecar.server import RouteRuntime, Sidecar
-
-
-def readiness(runtime: RouteRuntime, now: dt.datetime | None = None) -> str | None:
-    """None when the route can serve, else the reason it cannot."""
-    generation = runtime.client.current
-    if generation is None:
-        return runtime.last_error or "no client certificate loaded yet"
-    not_after = generation.not_after
-    if (now or dt.datetime.now(dt.UTC)) >= not_after:
-        return f"the client certificate expired on {not_after:%Y-%m-%d %H:%M} UTC"
-    return None
+    from sidecar.forward.handler import RouteProxy
+    from sidecar.telemetry.metrics import SidecarMetrics
 
 
 class Admin:
     """Answers ``{prefix}health|ready|status|metrics`` for one route's listener."""
 
-    def __init__(self, sidecar: Sidecar, runtime: RouteRuntime, proxy: RouteProxy) -> None:
-        self.prefix = sidecar.config.admin_prefix
-        self.sidecar = sidecar
+    def __init__(
+        self,
+        prefix: str,
+        runtime: RouteRuntime,
+        proxy: RouteProxy,
+        *,
+        status: Callable[[], dict[str, object]],
+        metrics: SidecarMetrics,
+    ) -> None:
+        self.prefix = prefix
         self.runtime = runtime
         self.proxy = proxy
+        self.status = status  # the whole sidecar's /-/status document
+        self.metrics = metrics
 
     def matches(self, path: str) -> bool:
         return path.startswith(self.prefix)
@@ -78,8 +77,8 @@ class Admin:
             if not self.proxy.token_ok(request):
                 return error_response(INBOUND_AUTH_REQUIRED, TOKEN_MISSING)
             if name == "status":
-                return web.json_response(self.sidecar.status())
+                return web.json_response(self.status())
             return web.Response(
-                body=self.sidecar.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
+                body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
             )
         return error_response(NOT_FOUND, f"no admin endpoint {request.path}")

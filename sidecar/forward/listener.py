@@ -50,6 +50,9 @@ The response side (the end of this module, used by the proxy) relies on:
 ``StreamResponse._prepare_headers`` overridden, a connection reset through
 ``request.transport`` (``SO_LINGER`` 0, then ``abort()``), and
 ``request.writer`` written to directly for ``100 Continue``.
+
+Its length (~480 lines) is that rule's price: every private aiohttp use on the
+inbound side stays in this one file, so none hides elsewhere.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.config import LimitsConfig
-from sidecar.upstream_errors import BAD_REQUEST, INTERNAL_ERROR, error_response
+from sidecar.forward.failures import BAD_REQUEST, INTERNAL_ERROR, error_response
 
 log = logging.getLogger("sidecar.listener")
 

@@ -16,23 +16,23 @@ import ssl
 from dataclasses import dataclass
 
 from sidecar.config import RouteConfig, UpstreamURL
+from sidecar.credentials.identity import ClientIdentity, client_ssl_context
+from sidecar.credentials.sources import Loaded
 from sidecar.errors import ConfigError
-from sidecar.headers import header_problem
-from sidecar.identity import ClientIdentity, client_ssl_context
-from sidecar.rewrite import upstream_bases
-from sidecar.sources import Loaded
+from sidecar.forward.headers import (
+    COMPANY_ID_HEADER,
+    REQUEST_ID_HEADER,
+    TOKEN_HEADER,
+    header_problem,
+)
+from sidecar.forward.pool import ConnectionPool
+from sidecar.forward.rewrite import upstream_bases
 from sidecar.tasks import TaskGroup
-from sidecar.upstream_http import ConnectionPool
 
 log = logging.getLogger("sidecar.upstream")
 
 KEEPALIVE = 30.0  # seconds an idle upstream connection is kept
 RETIRE_POLL = 0.2  # seconds between checks whether a retired pool is idle
-
-
-COMPANY_ID_HEADER = "successfactors-companyid"
-TOKEN_HEADER = "X-Sidecar-Token"
-REQUEST_ID_HEADER = "X-Request-ID"
 
 
 @dataclass(frozen=True)

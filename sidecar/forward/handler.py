@@ -19,9 +19,13 @@ Every outcome goes through `_record`, which writes the access line and the
 metrics exactly once, so no path forgets either: a bug (any exception the
 handler did not expect) is answered 500 ``internal_error`` and recorded too.
 Response bodies whose links are rewritten are decoded in bounded pieces
-(`sidecar.rewrite.BodyRewriter`), so a compressed body costs the same memory
+(`sidecar.forward.rewrite.BodyRewriter`), so a compressed body costs the same memory
 whatever it inflates to. aiohttp's server internals this needs live in
-`sidecar.listener`.
+`sidecar.forward.listener`.
+
+Its length (~600 lines) keeps one request's life in one class: refusing,
+preparing, relaying and recording, so that every outcome visibly passes `_record`
+once; the header rules and failure table it applies live in `headers` and `failures`.
 """
 
 from __future__ import annotations
@@ -34,103 +38,65 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote
 
 import aiohttp
 from aiohttp import HttpVersion, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.config import RouteConfig, UpstreamURL
-from sidecar.headers import HOP_BY_HOP, has_control
-from sidecar.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
-from sidecar.logs import access_logger, redact_query
-from sidecar.metrics import RouteStats
-from sidecar.rewrite import (
-    BodyDecodeError,
-    BodyRewriter,
-    Decoder,
-    decodable_accept_encoding,
-    local_origin,
-    rewritten_headers,
-    should_rewrite,
-)
-from sidecar.upstream import (
-    REQUEST_ID_HEADER,
-    TOKEN_HEADER,
-    Target,
-    UpstreamClient,
-)
-from sidecar.upstream_errors import (
+from sidecar.forward.failures import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
     INTERNAL_ERROR,
-    REFUSAL_PEEK,
     REQUEST_TIMEOUT,
     REQUEST_TOO_LARGE,
     UPSTREAM_BAD_RESPONSE,
     Failure,
-    HttpRefusal,
     classify,
     error_response,
+    exception_chain,
     failure,
-    http_refusal,
+    peek_refusal,
 )
-from sidecar.upstream_http import ConnectionPool, UpstreamResponse
+from sidecar.forward.headers import (
+    HOST_VALUE,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_VALUE,
+    TOKEN_HEADER,
+    filter_headers,
+    has_control,
+    merge_query,
+    undecodable_header,
+)
+from sidecar.forward.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
+from sidecar.forward.pool import ConnectionPool, UpstreamResponse
+from sidecar.forward.rewrite import (
+    BodyDecodeError,
+    BodyRewriter,
+    decodable_accept_encoding,
+    local_origin,
+    rewritten_headers,
+    should_rewrite,
+)
+from sidecar.forward.upstream import Target, UpstreamClient
+from sidecar.telemetry.logs import access_logger, redact_query
+from sidecar.telemetry.metrics import RouteStats
 
 log = logging.getLogger("sidecar.proxy")
 
 CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024  # bodies up to this size (known length) are sent in one write
 
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 TOKEN_MISSING = f"missing or wrong {TOKEN_HEADER} header"
 _VERSIONS = frozenset({HttpVersion(1, 0), HttpVersion(1, 1)})
-_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
 # Generated request ids: unique per process start, cheaper than uuid4 per request.
 _ID_PREFIX = os.urandom(8).hex() + "-"
 _ID_COUNTER = itertools.count(1)
-
-
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    return {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-        if token.strip()
-    }
-
-
-def filter_headers(headers: CIMultiDictProxy[str], drop: Collection[str]) -> CIMultiDict[str]:
-    """Copy ``headers`` without hop-by-hop ones, those Connection names, and ``drop``.
-
-    This runs twice per request, so it allocates as little as it can.
-    """
-    named = _connection_tokens(headers) if "Connection" in headers else ()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if (
-            lower not in HOP_BY_HOP
-            and lower not in drop
-            and lower not in named
-            and not lower.startswith("proxy-")
-        ):
-            out.add(name, value)
-    return out
-
-
-def merge_query(query_string: str, extra: dict[str, str]) -> str:
-    """The client's raw query plus ``extra`` parameters it did not send itself."""
-    if not extra:
-        return query_string
-    sent = {name for name, _ in parse_qsl(query_string, keep_blank_values=True)}
-    added = [f"{quote(k, safe='$')}={quote(v, safe='')}" for k, v in extra.items() if k not in sent]
-    return "&".join(p for p in (query_string, *added) if p)
 
 
 class _Refused(Exception):
@@ -205,7 +171,7 @@ class RouteProxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
-        if not _REQUEST_ID.match(request_id):
+        if not REQUEST_ID_VALUE.match(request_id):
             request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
         ex = _Exchange(request, request_id, self.stats.started())
         try:
@@ -287,7 +253,7 @@ class RouteProxy:
             # read differently by different servers, so it is refused, not forwarded.
             raise _Refused(BAD_REQUEST, f"cannot forward the request target {raw[:100]!r}")
         host = request.headers.get("Host")
-        if host is not None and not _HOST.match(host):
+        if host is not None and not HOST_VALUE.match(host):
             raise _Refused(BAD_REQUEST, f"the Host header {host[:100]!r} is not a valid host")
         if self._max_body is not None and (request.content_length or 0) > self._max_body:
             raise _Refused(
@@ -295,7 +261,7 @@ class RouteProxy:
                 f"the request body ({request.content_length} bytes) is larger than "
                 f"limits.max_body ({self._max_body} bytes)",
             )
-        bad = _undecodable_header(request.headers)
+        bad = undecodable_header(request.headers)
         if bad is not None:
             raise _Refused(
                 BAD_REQUEST,
@@ -599,30 +565,6 @@ async def _pieces(
         yield tail
 
 
-async def peek_refusal(upstream: UpstreamResponse, method: str) -> tuple[bytes, HttpRefusal | None]:
-    """Whether an answer refuses the client certificate, and the body bytes read to tell.
-
-    Only a 400's body is read, at most `REFUSAL_PEEK` bytes (nginx's refusals are 400
-    pages); the caller relays those bytes before the rest, so an ordinary 400 reaches
-    the client unchanged. The proxy and ``check --probe`` both decide with this.
-    """
-    head = b""
-    if upstream.status == 400 and method != "HEAD":
-        head = await upstream.read_at_most(REFUSAL_PEEK)
-    return head, http_refusal(upstream.status, _decoded(head, upstream.headers))
-
-
-def _decoded(head: bytes, headers: CIMultiDictProxy[str]) -> bytes:
-    """The start of a body as text for `http_refusal` (nginx may gzip its error pages)."""
-    encoding = headers.get("Content-Encoding")
-    if not head or encoding is None:
-        return head
-    try:
-        return next(Decoder(encoding, piece=REFUSAL_PEEK).decode(head), b"")
-    except (ValueError, BodyDecodeError):  # an undecodable coding: look at the bytes as sent
-        return head
-
-
 def _client_origin(request: web.BaseRequest) -> str:
     """The origin the client used, for the links it gets back (ValueError: none usable).
 
@@ -637,12 +579,7 @@ def _client_origin(request: web.BaseRequest) -> str:
 
 
 def _client_body_error(exc: BaseException) -> _ClientBodyError | None:
-    current: BaseException | None = exc
-    while current is not None:
-        if isinstance(current, _ClientBodyError):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in exception_chain(exc) if isinstance(e, _ClientBodyError)), None)
 
 
 def _close_watch(
@@ -675,17 +612,6 @@ def _same_host(url: URL, upstream: UpstreamURL) -> bool:
     if (url.host or "").lower() != upstream.host:
         return False
     return url.explicit_port is None or url.port in (upstream.port, 80, 443)
-
-
-def _undecodable_header(headers: CIMultiDictProxy[str]) -> str | None:
-    """The name of a header whose bytes were not UTF-8 (aiohttp keeps them as surrogates)."""
-    for name, value in headers.items():
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return name
-    return None
 
 
 def _absolute_form(request: web.BaseRequest) -> bool:

@@ -7,7 +7,7 @@ everything else the sidecar does per request. This module keeps the parts of
 aiohttp that are hard to get right — the C response parser with its flow
 control and read timeout (`ResponseHandler`), the resolver (with a 10 s
 cache) and happy-eyeballs connect, and aiohttp's connection errors, so that
-`upstream_errors.classify` reads them as before — and adds only what a proxy
+`failures.classify` reads them as before — and adds only what a proxy
 needs:
 
 - `ConnectionPool`: keep-alive connections of one identity, most recently used
@@ -42,20 +42,22 @@ below the next minor version for that reason; .ci/floors.txt tests the floor):
   ``ConnectionTimeoutError``/``ServerTimeoutError(message)``,
   ``ClientConnectionResetError``;
 - ``aiohttp.http_exceptions``: the parser's exception classes, re-exported
-  here for `upstream_errors.classify` (``HttpProcessingError`` and the
+  here for `failures.classify` (``HttpProcessingError`` and the
   subclasses it tells apart);
 - ``aiohttp.streams.StreamReader``: the body stream ``read()`` gives;
 - ``aiohttp.resolver.DefaultResolver``: ``resolve(host, port, family)``
   returning dicts with ``host`` and ``port``, and ``close()``;
 - ``aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay, interleave,
   loop)``.
+
+Its length (~640 lines) is that rule's price: every private aiohttp use on the
+client side stays in this one file, so none hides elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import ssl
 import time
@@ -79,6 +81,8 @@ from aiohttp.resolver import DefaultResolver
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.forward.headers import CONTROL_IN_HEAD
+
 # Methods without a body by definition: no `Content-Length: 0` is added (as aiohttp did).
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Replayable on a fresh connection when a reused one turns out closed (RFC 9112 9.3.1).
@@ -87,7 +91,6 @@ READ_BUFSIZE = 2**16
 DNS_TTL = 10.0  # seconds a lookup of the upstream's name is reused (as aiohttp's connector)
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried in parallel (RFC 8305)
 CLOSE_WAIT = 1.0  # seconds close() waits for the connections' TLS close
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # in a head, besides CR LF
 _STALE = (
     aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
@@ -383,7 +386,7 @@ class ConnectionPool:
         if (
             text.count("\n") != len(lines)
             or text.count("\r") != len(lines)
-            or _CONTROL.search(text) is not None
+            or CONTROL_IN_HEAD.search(text) is not None
         ):
             # The parser and the config checks keep these out; this keeps a request single.
             raise ValueError("a header name or value holds a line break or control character")

@@ -4,7 +4,7 @@ The binding is found on first use (service key, VCAP_SERVICES or a
 Kubernetes service binding); the destination is then fetched at start and
 every ``refresh``. Its keystore becomes the client identity, its URL the
 upstream and its ``URL.headers.*`` / ``URL.queries.*`` the route's headers
-and query parameters (values in the route config win, see sidecar.upstream).
+and query parameters (values in the route config win, see sidecar.forward.upstream).
 A service that is down raises `DestinationUnavailable` (transient: the
 server backs off and retries); anything else is permanent.
 """
@@ -15,9 +15,9 @@ import os
 from collections.abc import Mapping
 
 from sidecar.config import CredentialsConfig, DestinationRef, parse_upstream
-from sidecar.destination import DestinationClient, discover_binding
+from sidecar.credentials.destination import DestinationClient, discover_binding
+from sidecar.credentials.sources import Loaded
 from sidecar.errors import DestinationError
-from sidecar.sources import Loaded
 
 
 class DestinationSource:

@@ -5,7 +5,7 @@ certificate with the clientAuth usage, exported as one PEM with the key first
 (``PRIVATE KEY``, leaf, intermediate, root). None of it is secret: every
 certificate is generated on the spot for loopback use.
 
-``python -m sidecar.pki DIR`` writes the files the example config uses (see HELP).
+``python -m sidecar.demo.pki DIR`` writes the files the example config uses (see HELP).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sidecar.identity import PrivateKey
+from sidecar.credentials.identity import PrivateKey
 
 
 def new_key(kind: str = "ec") -> PrivateKey:
@@ -259,7 +259,7 @@ trust these files anywhere real. The path of each file written is printed.
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sidecar.pki",
+        prog="python -m sidecar.demo.pki",
         usage="%(prog)s DIR   (--help: what it writes)",
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

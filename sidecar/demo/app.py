@@ -1,7 +1,7 @@
 """``mtls-sidecar demo``: the whole product on a machine without an SAP account.
 
 In one process: a throwaway PKI in a private temporary directory, the fake
-SuccessFactors API (sidecar.fakesf) over TLS demanding a client certificate
+SuccessFactors API (sidecar.demo.fake_sf) over TLS demanding a client certificate
 from that PKI, and the sidecar in front of it on 127.0.0.1.
 """
 
@@ -27,9 +27,9 @@ from sidecar.config import (
     TLSConfig,
     UpstreamURL,
 )
-from sidecar.fakesf import fake_successfactors_app
-from sidecar.listener import bound_port
-from sidecar.pki import DemoPKI, write_demo_pki
+from sidecar.demo.fake_sf import fake_successfactors_app
+from sidecar.demo.pki import DemoPKI, write_demo_pki
+from sidecar.forward.listener import bound_port
 from sidecar.server import Sidecar
 
 DEMO_COMPANY_ID = "DEMO1234"

@@ -68,6 +68,9 @@ Choices, and why:
   byte range of the upstream's bytes cannot be rewritten on its own) or when
   ``rewrite_links`` is off; a `BodyDecodeError` after the response started
   means cutting the client connection, as for any upstream failure there.
+
+Its length (~530 lines, a third of them this note) is one algorithm: the bases,
+the boundary matcher and the streaming decoder only make sense together.
 """
 
 from __future__ import annotations

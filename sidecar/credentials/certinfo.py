@@ -13,7 +13,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from sidecar.identity import Bundle, ClientIdentity
+from sidecar.credentials.identity import Bundle, ClientIdentity
 
 
 @dataclass(frozen=True)

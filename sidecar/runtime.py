@@ -1,0 +1,178 @@
+"""A route's live state, as the server drives it and the admin endpoints read it.
+
+`RouteRuntime` holds one route's credential source, its upstream client (the
+current identity and pool), its counters and its last error; `readiness` and
+`route_status` read it for ``/-/ready`` and ``/-/status``. Living here rather
+than in the server, it lets admin read a route without importing the server.
+
+Choosing a route's credential source (`source_for`) lives here too, above
+``sidecar.credentials``, so that the sources' protocol does not import the
+Destination Service source that implements it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from sidecar.config import RouteConfig
+from sidecar.credentials.certinfo import identity_summary
+from sidecar.credentials.sources import CredentialSource, FileSource, Loaded
+from sidecar.errors import SidecarError
+from sidecar.forward.handler import RouteProxy
+from sidecar.forward.listener import bound_port
+from sidecar.forward.upstream import UpstreamClient, route_target
+from sidecar.telemetry.metrics import RouteStats
+
+log = logging.getLogger("sidecar")
+
+EXPIRY_WARNING_EVERY = 86400.0
+
+
+@dataclass
+class RouteRuntime:
+    """Everything one route needs while serving."""
+
+    index: int
+    route: RouteConfig
+    source: CredentialSource
+    client: UpstreamClient
+    stats: RouteStats
+    proxy: RouteProxy | None = None
+    last_error: str | None = None
+    retry_soon: bool = False  # the last failure was transient: back off, then retry
+    site: web.TCPSite | None = None
+    # Set by every SIGHUP, cleared as a reload starts: a SIGHUP during a reload asks for
+    # another one, so each signal is followed by a load that began after it.
+    reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    _last_expiry_warning: float = 0.0
+
+    @property
+    def where(self) -> str:
+        return f"routes[{self.index}]"
+
+    @property
+    def bound_address(self) -> str:
+        """HOST:PORT actually bound (port 0 in the config picks a free one)."""
+        host = self.route.listen.host
+        port = bound_port(self.site) if self.site is not None else self.route.listen.port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def apply(self, loaded: Loaded, *, quiet: bool = False) -> None:
+        """Validate the target, then swap the new identity in."""
+        target = route_target(self.route, loaded, self.where)
+        current = self.client.current
+        if (
+            current is not None
+            and current.identity.chain == loaded.identity.chain
+            and current.target == target
+        ):
+            # Nothing changed (a SIGHUP, a touched file): keep the warm connection pool.
+            self.last_error = None
+            self.retry_soon = False
+            self.stats.reloaded(True, None, current.identity.leaf.not_valid_after_utc)
+            log.debug("route %s: credentials reloaded, unchanged", self.route.name)
+            return
+        self.client.install(loaded.identity, target)
+        self.last_error = None
+        self.retry_soon = False
+        leaf = loaded.identity.leaf
+        self.stats.reloaded(True, None, leaf.not_valid_after_utc)
+        if not quiet:
+            log.info("route %s: client certificate loaded: %s (expires %s)", self.route.name,
+                     leaf.subject.rfc4514_string(), leaf.not_valid_after_utc.date())  # fmt: skip
+        self._last_expiry_warning = 0.0
+        self.warn_expiry(loaded.identity.warnings)
+
+    def warn_expiry(self, warnings: tuple[str, ...] = ()) -> None:
+        """Warnings at load; the expiry warning again at most once a day."""
+        now = time.monotonic()
+        if self._last_expiry_warning and now - self._last_expiry_warning < EXPIRY_WARNING_EVERY:
+            return
+        generation = self.client.current
+        if generation is None:
+            return
+        for w in warnings or generation.identity.warnings:
+            log.warning("route %s: %s", self.route.name, w)
+        self._last_expiry_warning = now
+
+    def failed(self, exc: SidecarError) -> None:
+        self.last_error = str(exc)
+        self.retry_soon = exc.transient
+        self.stats.reloaded(False, str(exc), None)
+        keeping = "keeping the last good certificate" if self.client.current else "not ready"
+        log.error("route %s: loading credentials failed (%s): %s", self.route.name, keeping, exc)
+
+    async def reload(self) -> bool:
+        """Load again now; True when a new identity is in place."""
+        try:
+            loaded = await self.source.load()
+            if loaded is not None:
+                self.apply(loaded)
+            return True
+        except SidecarError as exc:
+            self.failed(exc)
+            return False
+
+
+def readiness(runtime: RouteRuntime, now: dt.datetime | None = None) -> str | None:
+    """None when the route can serve, else the reason it cannot."""
+    generation = runtime.client.current
+    if generation is None:
+        return runtime.last_error or "no client certificate loaded yet"
+    not_after = generation.not_after
+    if (now or dt.datetime.now(dt.UTC)) >= not_after:
+        return f"the client certificate expired on {not_after:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def route_status(rt: RouteRuntime) -> dict[str, object]:
+    """One route's entry in ``/-/status``: public facts and counters, never a secret."""
+    generation = rt.client.current
+    entry: dict[str, object] = {
+        "name": rt.route.name,
+        "listen": rt.bound_address,
+        "upstream": str(generation.target.upstream) if generation else rt.route.upstream,
+        "company_id": generation.target.company_id if generation else rt.route.company_id,
+        "credential_source": rt.source.description,
+        "ready": readiness(rt) is None,
+        "not_ready_reason": readiness(rt),
+    }
+    if generation is not None:
+        summary = identity_summary(generation.identity)
+        entry.update(
+            subject=summary["subject"],
+            issuer=summary["issuer"],
+            not_after=summary["not_after"],
+            days_left=summary["days_left"],
+            sha256=summary["sha256"],
+            loaded_at=generation.loaded_at.isoformat(timespec="seconds"),
+        )
+    s = rt.stats
+    entry["last_refresh"] = s.last_reload or None
+    entry["counters"] = {"requests": s.requests, "upstream_errors": s.upstream_errors}
+    entry["last_upstream_error"] = (
+        {"at": s.last_upstream_error.at, "message": s.last_upstream_error.message}
+        if s.last_upstream_error
+        else None
+    )
+    return entry
+
+
+def source_for(
+    route: RouteConfig, index: int, env: Mapping[str, str] | None = None
+) -> CredentialSource:
+    """The credential source a route's config describes."""
+    where = f"routes[{index}].credentials"
+    if route.credentials.destination is not None:
+        # imported here: it loads aiohttp's client, which file-only routes never need
+        from sidecar.credentials.destination_source import DestinationSource
+
+        return DestinationSource(route.credentials, where=where, env=env)
+    return FileSource(route.credentials, where=where, env=env)

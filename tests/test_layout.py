@@ -1,0 +1,107 @@
+"""The package layout's rules (issue 13): no import cycles, and who may import whom.
+
+Every ``import`` in ``sidecar/`` counts, also those under ``TYPE_CHECKING`` and
+those inside functions: a cycle hidden in a function is still a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sidecar"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module of sidecar/ and the modules of sidecar/ it imports."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parts, *([node.module] if node.module else [])])
+                found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_walk_sees_the_packages() -> None:
+    graph = _imports()
+    for package in ("sidecar.config", "sidecar.credentials", "sidecar.forward", "sidecar.demo"):
+        assert package in graph, package
+    assert "sidecar.forward.handler" in graph["sidecar.runtime"]
+
+
+def test_no_import_cycles() -> None:
+    graph = _imports()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen: set[str] = set()
+        todo = list(graph[start])
+        while todo:
+            current = todo.pop()
+            if current == goal:
+                return True
+            if current not in seen:
+                seen.add(current)
+                todo.extend(graph[current])
+        return False
+
+    assert sorted(m for m in graph if reaches(m, m)) == []
+
+
+@pytest.mark.parametrize(
+    ("importer", "imported"),
+    [
+        ("sidecar.credentials", "sidecar.forward"),
+        ("sidecar.credentials", "sidecar.runtime"),
+        ("sidecar.credentials", "sidecar.server"),
+        ("sidecar.forward", "sidecar.runtime"),
+        ("sidecar.forward", "sidecar.server"),
+        ("sidecar.forward", "sidecar.admin"),
+        ("sidecar.admin", "sidecar.server"),
+        ("sidecar.telemetry", "sidecar.forward"),
+        ("sidecar.telemetry", "sidecar.credentials"),
+    ],
+)
+def test_lower_packages_never_import_higher_ones(importer: str, imported: str) -> None:
+    graph = _imports()
+    wrong = sorted(
+        f"{m} -> {dep}"
+        for m, deps in graph.items()
+        if _in(m, importer)
+        for dep in deps
+        if _in(dep, imported)
+    )
+    assert wrong == []
+
+
+def test_demo_is_imported_only_by_the_cli() -> None:
+    graph = _imports()
+    importers = sorted(
+        m
+        for m, deps in graph.items()
+        if not _in(m, "sidecar.demo") and any(_in(d, "sidecar.demo") for d in deps)
+    )
+    assert importers == ["sidecar.cli"]
