@@ -7,6 +7,7 @@ those inside functions: a cycle hidden in a function is still a cycle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,27 @@ def test_demo_is_imported_only_by_the_cli() -> None:
         if not _in(m, "sidecar.demo") and any(_in(d, "sidecar.demo") for d in deps)
     )
     assert importers == ["sidecar.cli"]
+
+
+ARCHITECTURE = PACKAGE.parent / "ARCHITECTURE.md"
+
+
+def test_every_module_architecture_md_names_exists() -> None:
+    """ARCHITECTURE.md stays true: every module it names, as a path or as ``sidecar.x.y``.
+
+    A path is read from the repository root (``sidecar/forward/pool.py``) or, as the
+    diagrams write them, as the end of a path under ``sidecar/`` (``forward/pool.py``).
+    """
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    root = PACKAGE.parent
+    files = {path.relative_to(root).as_posix() for path in PACKAGE.rglob("*.py")}
+    paths = set(re.findall(r"(?<![\w/.])(?:\w+/)*\w+\.py\b", text))
+    folders = set(re.findall(r"(?<![\w/.])sidecar/(?:\w+/)+(?!\w)", text))
+    dotted = set(re.findall(r"(?<![\w/.])sidecar(?:\.\w+)+", text))
+    assert len(paths) >= 30, "the map names the modules it describes"
+    missing = sorted(
+        p for p in paths if not (root / p).is_file() and not any(f.endswith("/" + p) for f in files)
+    )
+    missing += sorted(f for f in folders if not (root / f).is_dir())
+    missing += sorted(m for m in dotted if m not in _modules())
+    assert missing == []
