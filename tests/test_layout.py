@@ -84,6 +84,10 @@ def test_no_import_cycles() -> None:
         ("sidecar.admin", "sidecar.server"),
         ("sidecar.telemetry", "sidecar.forward"),
         ("sidecar.telemetry", "sidecar.credentials"),
+        ("sidecar.config", "sidecar.forward"),
+        ("sidecar.config", "sidecar.credentials"),
+        ("sidecar.config", "sidecar.telemetry"),
+        ("sidecar.config", "sidecar.runtime"),
     ],
 )
 def test_lower_packages_never_import_higher_ones(importer: str, imported: str) -> None:
@@ -96,6 +100,13 @@ def test_lower_packages_never_import_higher_ones(importer: str, imported: str) -
         if _in(dep, imported)
     )
     assert wrong == []
+
+
+def test_the_bottom_modules_import_nothing_of_ours() -> None:
+    """The header rulebook and the exception tree: what config and forward both build on."""
+    graph = _imports()
+    assert graph["sidecar.http_rules"] == set()
+    assert graph["sidecar.errors"] == set()
 
 
 def test_demo_is_imported_only_by_the_cli() -> None:

@@ -304,7 +304,10 @@ def broken(*args: Any, **kwargs: Any) -> Any:
     "where, patch",
     [
         # before anything went upstream
-        ("before", lambda mp: mp.setattr(sidecar.forward.handler, "filter_headers", broken)),
+        (
+            "before",
+            lambda mp: mp.setattr(sidecar.forward.handler, "upstream_request_headers", broken),
+        ),
         # after the answer's head went out: the connection is cut instead
         ("after", lambda mp: mp.setattr(sidecar.forward.handler, "_close_watch", broken)),
     ],

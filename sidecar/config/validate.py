@@ -38,7 +38,7 @@ from sidecar.config.values import (
     parse_upstream,
 )
 from sidecar.errors import ConfigError
-from sidecar.forward.headers import header_problem
+from sidecar.http_rules import header_problem
 
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.forward.headers import COMPANY_ID_HEADER
+from sidecar.http_rules import COMPANY_ID_HEADER
 
 FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia")
 LAST_NAMES = ("Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson")

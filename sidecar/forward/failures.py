@@ -17,7 +17,6 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from sidecar.forward.headers import REQUEST_ID_HEADER
 from sidecar.forward.pool import (
     BadStatusLine,
     ClosedAfterHandshakeError,
@@ -32,6 +31,7 @@ from sidecar.forward.pool import (
     UpstreamResponse,
 )
 from sidecar.forward.rewrite import BodyDecodeError, Decoder
+from sidecar.http_rules import REQUEST_ID_HEADER
 
 UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
 UPSTREAM_TLS_FAILED = "upstream_tls_failed"

@@ -64,26 +64,22 @@ from sidecar.forward.failures import (
     peek_refusal,
 )
 from sidecar.forward.headers import (
-    HOST_VALUE,
-    REQUEST_ID_HEADER,
-    REQUEST_ID_VALUE,
-    TOKEN_HEADER,
-    filter_headers,
-    has_control,
     merge_query,
+    response_headers,
     undecodable_header,
+    upstream_request_headers,
 )
 from sidecar.forward.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
 from sidecar.forward.pool import ConnectionPool, UpstreamResponse
 from sidecar.forward.rewrite import (
     BodyDecodeError,
     BodyRewriter,
-    decodable_accept_encoding,
     local_origin,
     rewritten_headers,
     should_rewrite,
 )
 from sidecar.forward.upstream import Target, UpstreamClient
+from sidecar.http_rules import HOST_VALUE, REQUEST_ID_HEADER, REQUEST_ID_VALUE, TOKEN_HEADER
 from sidecar.telemetry.logs import access_logger, redact_query
 from sidecar.telemetry.metrics import RouteStats
 
@@ -195,14 +191,13 @@ class RouteProxy:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Checks passed: invite the body (a refusal above is answered without it).
                 await send_continue(request)
-            headers = filter_headers(request.headers, target.drop)
-            headers.extend(target.set_headers)
-            if target.rewrite_bases and "Accept-Encoding" in headers:
-                # Ask only for encodings the rewriter can decode (Postman also offers br).
-                accept = decodable_accept_encoding(headers["Accept-Encoding"])
-                if accept is not None:
-                    headers["Accept-Encoding"] = accept
-            headers[REQUEST_ID_HEADER] = ex.request_id
+            headers = upstream_request_headers(
+                request.headers,
+                drop=target.drop,
+                set_headers=target.set_headers,
+                request_id=ex.request_id,
+                rewriting=bool(target.rewrite_bases),
+            )
             body = None
             if request.body_exists:
                 body = _request_body(request.content, self._max_body, self.route.timeouts.read)
@@ -294,11 +289,8 @@ class RouteProxy:
             return self._failed(ex, self._body_failure(exc, target))
         if refusal is not None and refusal.certain:
             return self._failed(ex, refusal.failure(str(target.upstream)))
-        headers = filter_headers(upstream.headers, ())
-        bad = next((name for name, value in headers.items() if has_control(value)), None)
+        headers, bad = response_headers(upstream.headers)
         if bad is not None:
-            # The client's side refuses to write it (header injection); the name only, as
-            # the value may hold a secret.
             message = (
                 f"{target.upstream} sent the header {bad!r} with a control character in "
                 "its value, which cannot be relayed"

@@ -81,7 +81,7 @@ from aiohttp.resolver import DefaultResolver
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.forward.headers import CONTROL_IN_HEAD
+from sidecar.http_rules import CONTROL_IN_HEAD
 
 # Methods without a body by definition: no `Content-Length: 0` is added (as aiohttp did).
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})

@@ -19,14 +19,10 @@ from sidecar.config import RouteConfig, UpstreamURL
 from sidecar.credentials.identity import ClientIdentity, client_ssl_context
 from sidecar.credentials.sources import Loaded
 from sidecar.errors import ConfigError
-from sidecar.forward.headers import (
-    COMPANY_ID_HEADER,
-    REQUEST_ID_HEADER,
-    TOKEN_HEADER,
-    header_problem,
-)
+from sidecar.forward.headers import route_headers
 from sidecar.forward.pool import ConnectionPool
 from sidecar.forward.rewrite import upstream_bases
+from sidecar.http_rules import COMPANY_ID_HEADER
 from sidecar.tasks import TaskGroup
 
 log = logging.getLogger("sidecar.upstream")
@@ -60,23 +56,11 @@ def route_target(route: RouteConfig, loaded: Loaded, where: str = "route") -> Ta
     upstream = route.upstream or loaded.upstream
     if upstream is None:
         raise ConfigError(f"{where}.upstream: no upstream URL configured or supplied")
-    # One value per name, whatever its case; the route's config wins over the source.
-    headers = {k.lower(): (k, v) for k, v in loaded.headers.items()}
-    headers.update({k.lower(): (k, v) for k, v in route.headers.items()})
-    for name, value in headers.values():
-        problem = header_problem(name, value)
-        if problem is not None:
-            raise ConfigError(
-                f"{where}: the header {name!r} (from headers or the destination's "
-                f"URL.headers.*) {problem}"
-            )
-    if route.company_id:
-        headers[COMPANY_ID_HEADER] = (COMPANY_ID_HEADER, route.company_id)
-    drop = {"host", "expect", TOKEN_HEADER.lower(), REQUEST_ID_HEADER.lower(), *headers}
+    set_headers, drop = route_headers(loaded.headers, route.headers, route.company_id, where)
     return Target(
         upstream=upstream,
-        set_headers=tuple(headers.values()),
-        drop=frozenset(drop),
+        set_headers=set_headers,
+        drop=drop,
         query={**loaded.query, **route.query},
         rewrite_bases=upstream_bases(upstream, route.rewrite_hosts) if route.rewrite_links else (),
     )
