@@ -1,50 +1,46 @@
 """The ``mtls-sidecar`` command line: parse, call, map errors to exit codes.
 
-Exit codes: 0 success; 1 runtime failure; 2 usage, configuration or
-credential error. A `SidecarError` becomes one line on stderr, never a
-traceback.
+The top-level commands (``check``, ``run``, ``demo``, ``healthcheck``,
+``init``) live here; the ``cert`` and ``destination`` groups in
+`sidecar.commands`, and what all of them share (one-line errors, exit codes,
+options) in `sidecar.commands.common`. Exit codes: 0 success; 1 runtime
+failure; 2 usage, configuration or credential error. A `SidecarError` becomes
+one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from cryptography.hazmat.primitives import serialization
 
 from sidecar import __version__, server
+from sidecar.commands.cert import cert
+from sidecar.commands.common import (
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    F,
+    fail,
+    handle_errors,
+    warn,
+    write_file,
+)
+from sidecar.commands.destination import destination
 from sidecar.config import Config, LogConfig, RouteFlags, find_config_file, load_config
-from sidecar.credentials.certinfo import bundle_report, identity_summary
-from sidecar.credentials.identity import Bundle, client_ssl_context, read_bundle, read_password
+from sidecar.credentials.certinfo import identity_summary
+from sidecar.credentials.identity import client_ssl_context
 from sidecar.credentials.sources import CredentialSource, Loaded
 from sidecar.errors import SidecarError, UsageError
 from sidecar.forward.probe import probe as run_probe
 from sidecar.forward.upstream import route_target
 from sidecar.runtime import source_for
 from sidecar.telemetry.logs import setup_logging
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    click.echo(f"mtls-sidecar: error: {message}", err=True)
-    sys.exit(code)
-
-
-def _warn(message: str) -> None:
-    click.echo(f"mtls-sidecar: warning: {message}", err=True)
-
 
 # ------------------------------------------------------------------ shared options
 
@@ -90,28 +86,6 @@ def _load(config_file: str | None, flag_values: dict[str, Any]) -> Config:
     return load_config(find_config_file(config_file), flags)
 
 
-def password_options(f: F) -> F:
-    f = click.option("--password-file", type=click.Path(path_type=Path), metavar="FILE",
-                     help="File holding the password.")(f)  # fmt: skip
-    f = click.option("--password-env", metavar="VAR", help="Variable holding the password.")(f)
-    return f
-
-
-def handle_errors(f: F) -> F:
-    """Turn `SidecarError`s into one line on stderr and their exit code."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except SidecarError as exc:
-            _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
-
-
 # ---------------------------------------------------------------------- commands
 
 
@@ -147,7 +121,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
             failed += 1
             continue
         for w in identity.warnings:
-            _warn(w)
+            warn(w)
         s = identity_summary(identity)
         click.echo(f"  subject:      {s['subject']}")
         click.echo(f"  issuer:       {s['issuer']}")
@@ -165,7 +139,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
         click.echo(f"FAILED: {failed} of {len(config.routes)} route(s) cannot start")
         sys.exit(EXIT_USAGE)
     if rejected:
-        _fail(f"{rejected} route(s) failed the probe; see above", EXIT_RUNTIME)
+        fail(f"{rejected} route(s) failed the probe; see above", EXIT_RUNTIME)
     click.echo(f"OK: {len(config.routes)} route(s) ready")
 
 
@@ -212,9 +186,9 @@ def healthcheck(url: str, timeout: float) -> None:
     except urllib.error.HTTPError as exc:
         status = exc.code
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        _fail(f"{url}: not reachable: {getattr(exc, 'reason', exc)}", EXIT_RUNTIME)
+        fail(f"{url}: not reachable: {getattr(exc, 'reason', exc)}", EXIT_RUNTIME)
     if status != 200:
-        _fail(f"{url}: not ready (HTTP {status})", EXIT_RUNTIME)
+        fail(f"{url}: not ready (HTTP {status})", EXIT_RUNTIME)
     click.echo(f"{url}: ready")
 
 
@@ -250,169 +224,13 @@ def init(output: str, force: bool) -> None:
     path = Path(output)
     if path.exists() and not force:
         raise UsageError(f"{path}: already exists", hint="choose another -o, or add --force")
-    _write(path, text.encode())
+    write_file(path, text.encode())
     click.echo(f"wrote {path}; edit upstream, company_id and credentials, then run "
                f"`mtls-sidecar check -c {path}`")  # fmt: skip
 
 
-@main.group()
-def cert() -> None:
-    """Inspect and export client-certificate bundles."""
-
-
-def _read_cli_bundle(
-    file: Path, key: Path | None, password_env: str | None, password_file: Path | None
-) -> Bundle:
-    if password_env and password_file:
-        raise UsageError("give --password-env or --password-file, not both")
-    password = read_password(
-        password_env=password_env,
-        password_file=password_file,
-        env_label="--password-env",
-        file_label="--password-file",
-    )
-    is_p12 = file.suffix.lower() in (".p12", ".pfx")
-    if is_p12 and key is not None:
-        raise UsageError("--key goes with a PEM bundle, not with PKCS#12")
-    return read_bundle(
-        pem=None if is_p12 else file, pkcs12_path=file if is_p12 else None, key=key,
-        password=password,
-    )  # fmt: skip
-
-
-@cert.command("inspect")
-@click.argument("file", type=click.Path(path_type=Path))
-@click.option("--key", type=click.Path(path_type=Path), help="Separate private key file.")
-@password_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@handle_errors
-def cert_inspect(
-    file: Path, key: Path | None, password_env: str | None, password_file: Path | None,
-    as_json: bool,
-) -> None:  # fmt: skip
-    """Show every certificate of a bundle and whether its key matches."""
-    bundle = _read_cli_bundle(file, key, password_env, password_file)
-    report = bundle_report(bundle)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    _print_report(report)
-
-
-def _print_report(report: dict[str, Any]) -> None:
-    certs = report["certificates"]
-    key = "no private key"
-    if report["key_present"]:
-        key = "private key matches the leaf" if report["key_matches_leaf"] else \
-            "PRIVATE KEY DOES NOT MATCH THE LEAF"  # fmt: skip
-    click.echo(f"{report['source']}: {len(certs)} certificate(s) in the chain, {key}")
-    roles = ["leaf"] + ["intermediate"] * (len(certs) - 1)
-    if len(certs) > 1 and certs[-1]["self_signed"]:
-        roles[-1] = "root"
-    for n, (c, role) in enumerate(zip(certs, roles, strict=True), 1):
-        _print_cert(f"[{n}] {role}", c)
-    for c in report["not_in_chain"]:
-        _print_cert("[-] not part of the chain", c)
-    if report["leaf_expired"]:
-        click.secho(f"!! EXPIRED: the leaf expired on {certs[0]['not_after']}", bold=True)
-    if report["leaf_not_yet_valid"]:
-        click.secho(f"!! NOT YET VALID: the leaf is valid from {certs[0]['not_before']}", bold=True)
-    if report["key_present"] and not report["key_matches_leaf"]:
-        click.secho("!! KEY MISMATCH: the private key does not belong to the leaf", bold=True)
-    for w in report["warnings"]:
-        click.echo(f"warning: {w}")
-
-
-def _print_cert(title: str, c: dict[str, Any]) -> None:
-    click.echo(title)
-    click.echo(f"    subject:   {c['subject']}")
-    click.echo(f"    issuer:    {c['issuer']}")
-    click.echo(f"    serial:    {c['serial']}")
-    click.echo(f"    valid:     {c['not_before']} to {c['not_after']} ({c['days_left']} days left)")
-    click.echo(f"    sha256:    {c['sha256']}")
-    click.echo(f"    SANs:      {', '.join(c['sans']) or '(none)'}")
-
-
-@cert.command("export-public")
-@click.argument("file", type=click.Path(path_type=Path))
-@click.option("--key", type=click.Path(path_type=Path), help="Separate private key file.")
-@password_options
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here, not stdout.")
-@handle_errors
-def cert_export_public(
-    file: Path, key: Path | None, password_env: str | None, password_file: Path | None,
-    output: Path | None,
-) -> None:  # fmt: skip
-    """Write the certificate chain, leaf first, without any key.
-
-    This is the file to upload to the SuccessFactors X.509 certificate mapping.
-    """
-    bundle = _read_cli_bundle(file, key, password_env, password_file)
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle.chain)
-    if output is None:
-        click.echo(pem.decode(), nl=False)
-        return
-    if any(output.resolve() == p.resolve() for p in (file, key) if p is not None):
-        raise UsageError(
-            f"{output}: is an input file; writing the public chain there would destroy the key",
-            hint="choose another -o, e.g. public.pem",
-        )
-    _write(output, pem)
-    click.echo(f"wrote {len(bundle.chain)} certificate(s), no key, to {output}", err=True)
-
-
-def _write(path: Path, data: bytes) -> None:
-    try:
-        path.write_bytes(data)
-    except OSError as exc:
-        raise UsageError(
-            f"{path}: cannot write: {exc.strerror or exc}",
-            hint="check that the folder exists and is writable",
-        ) from None
-
-
-@main.group()
-def destination() -> None:
-    """Look at destinations in the SAP BTP Destination Service."""
-
-
-@destination.command("show")
-@click.argument("name")
-@click.option("--service-key", type=click.Path(path_type=Path), metavar="FILE",
-              help="Destination service key JSON (else VCAP_SERVICES, else "
-              "$SERVICE_BINDING_ROOT).")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@handle_errors
-def destination_show(name: str, service_key: Path | None, as_json: bool) -> None:
-    """Fetch one destination and show it: never a password, secret, token or key."""
-    from sidecar.credentials.destination import describe
-
-    info = describe(asyncio.run(_fetch_destination(name, service_key)))
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"destination {info['name']}")
-    for label, key in (("URL", "url"), ("type", "type"), ("authentication", "authentication"),
-                       ("proxy type", "proxy_type"), ("owner level", "owner_level"),
-                       ("keystore", "keystore_location")):  # fmt: skip
-        click.echo(f"  {label + ':':16}{info[key] or '-'}")
-    for label, key in (("header", "headers"), ("query", "queries")):
-        for k, v in info[key].items():
-            click.echo(f"  {label + ':':16}{k}: {v}")
-    if info["problem"]:
-        click.secho(f"!! {info['problem']}", bold=True)
-    if info["certificate"]:
-        click.echo("")
-        _print_report(info["certificate"])
-
-
-async def _fetch_destination(name: str, service_key: Path | None) -> Any:
-    from sidecar.config import DestinationRef
-    from sidecar.credentials.destination import DestinationClient, discover_binding
-
-    binding = discover_binding(DestinationRef(name=name, service_key=service_key), os.environ)
-    async with DestinationClient(binding) as client:
-        return (await client.fetch(name)).destination
+main.add_command(cert)
+main.add_command(destination)
 
 
 def run_main() -> None:
@@ -424,5 +242,5 @@ def run_main() -> None:
     except Exception as exc:  # pragma: no cover - a bug; still no traceback for users
         if os.environ.get("SIDECAR_DEBUG"):
             raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (set SIDECAR_DEBUG=1 for details)",
-              EXIT_RUNTIME)  # fmt: skip
+        fail(f"unexpected {type(exc).__name__}: {exc} (set SIDECAR_DEBUG=1 for details)",
+             EXIT_RUNTIME)  # fmt: skip
