@@ -38,6 +38,9 @@ HOP_BY_HOP = frozenset(
 FRAMING = HOP_BY_HOP | {"content-length"}
 #: a Host header value: a bracketed IP literal or a reg-name, and an optional port
 HOST_VALUE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~!$&'()*+,;=%]+)(:[0-9]{1,5})?$")
+#: a Host value safe to write into JSON and XML bodies as a link's origin (rewritten links):
+#: `HOST_VALUE` without a reg-name's sub-delimiters and percent-encoding
+ORIGIN_HOST_VALUE = re.compile(r"^(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 #: an X-Request-ID a client may send: visible ASCII, at most 200 characters
 REQUEST_ID_VALUE = re.compile(r"^[\x21-\x7e]{1,200}$")
 # The one control-character rule: none in a header, but a tab; CR and LF only end its line.

@@ -141,3 +141,13 @@ def test_every_module_architecture_md_names_exists() -> None:
     missing += sorted(f for f in folders if not (root / f).is_dir())
     missing += sorted(m for m in dotted if m not in _modules())
     assert missing == []
+
+
+def test_the_command_groups_are_imported_only_by_the_cli() -> None:
+    graph = _imports()
+    importers = sorted(
+        m
+        for m, deps in graph.items()
+        if not _in(m, "sidecar.commands") and any(_in(d, "sidecar.commands") for d in deps)
+    )
+    assert importers == ["sidecar.cli"]

@@ -81,6 +81,7 @@ from collections.abc import Iterable, Iterator
 from typing import Final
 
 from sidecar.config import UpstreamURL
+from sidecar.http_rules import ORIGIN_HOST_VALUE
 
 #: Bytes that may follow a base URL: they cannot continue a host name or port.
 BOUNDARY: Final = b"/?#\"'<>\\)& \t\r\n\f\v"
@@ -108,9 +109,6 @@ BODY_BOUND_HEADERS: Final = frozenset(
         "accept-ranges",
     }
 )
-
-_HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-
 
 # ------------------------------------------------------------------- the bases
 
@@ -187,7 +185,7 @@ def local_origin(host_header: str, *, scheme: str = "http") -> str:
     ValueError.
     """
     host = host_header.strip()
-    if not _HOST_HEADER.match(host):
+    if not ORIGIN_HOST_VALUE.match(host):
         raise ValueError(f"Host header {host_header!r} is not host[:port]")
     if scheme not in ("http", "https"):
         raise ValueError(f"scheme {scheme!r} is not http or https")
