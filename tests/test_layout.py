@@ -109,13 +109,17 @@ def test_the_bottom_modules_import_nothing_of_ours() -> None:
     assert graph["sidecar.errors"] == set()
 
 
-def test_demo_is_imported_only_by_the_cli() -> None:
-    graph = _imports()
-    importers = sorted(
+def _importers(package: str) -> list[str]:
+    """The modules outside ``package`` that import one of its modules."""
+    return sorted(
         m
-        for m, deps in graph.items()
-        if not _in(m, "sidecar.demo") and any(_in(d, "sidecar.demo") for d in deps)
+        for m, deps in _imports().items()
+        if not _in(m, package) and any(_in(d, package) for d in deps)
     )
+
+
+def test_demo_is_imported_only_by_the_cli() -> None:
+    importers = _importers("sidecar.demo")
     assert importers == ["sidecar.cli"]
 
 
@@ -144,10 +148,5 @@ def test_every_module_architecture_md_names_exists() -> None:
 
 
 def test_the_command_groups_are_imported_only_by_the_cli() -> None:
-    graph = _imports()
-    importers = sorted(
-        m
-        for m, deps in graph.items()
-        if not _in(m, "sidecar.commands") and any(_in(d, "sidecar.commands") for d in deps)
-    )
+    importers = _importers("sidecar.commands")
     assert importers == ["sidecar.cli"]
