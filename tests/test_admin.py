@@ -27,8 +27,8 @@ from sidecar.config import CredentialsConfig, InboundConfig
 from sidecar.credentials.sources import FileSource
 from sidecar.demo.pki import Issued
 from tests.conftest import PKI, Running, eventually, free_port, key_material, route_config
-from tests.test_proxy import assert_sidecar_error, raw
-from tests.upstreams import FakeUpstream
+from tests.support.raw_http import assert_raw_error, raw
+from tests.support.upstreams import FakeUpstream
 
 TOKEN = "t" * 32
 PASSWORD = "admin-test key password 7f3a"
@@ -438,7 +438,7 @@ async def test_an_unknown_admin_endpoint_is_a_json_404(
 ) -> None:
     setup = await serve()
     async with client.get(f"{setup.url}/-/foo") as resp:
-        assert_sidecar_error(resp.status, resp.headers, await resp.read(), "not_found", 404)
+        assert_raw_error(resp.status, resp.headers, await resp.read(), "not_found", 404)
         assert "/-/foo" in (await resp.json())["error"]["message"]
     assert setup.fake.requests == 0  # never forwarded
 
@@ -451,7 +451,7 @@ async def test_admin_endpoints_answer_get_only(
     setup = await serve()
     async with client.request(method, f"{setup.url}/-/{endpoint}") as resp:
         body = await resp.read()
-        assert_sidecar_error(resp.status, resp.headers, body, "method_not_allowed", 405)
+        assert_raw_error(resp.status, resp.headers, body, "method_not_allowed", 405)
         assert resp.headers["Allow"] == "GET, HEAD"
     assert setup.fake.requests == 0
 
@@ -466,7 +466,7 @@ async def test_an_absolute_form_admin_request_for_another_host_is_forbidden(
     port = int(setup.url.rsplit(":", 1)[1])
     request = f"GET http://other.host/-/{endpoint} HTTP/1.1\r\nHost: other.host\r\n\r\n"
     (answer,) = await raw(port, request.encode())
-    assert_sidecar_error(answer.status, answer.headers, answer.body, "forbidden_target", 403)
+    assert_raw_error(answer.status, answer.headers, answer.body, "forbidden_target", 403)
     assert b"other.host" in answer.body
     # The route's own upstream host in absolute form is still this sidecar's to answer.
     own = setup.upstream.removeprefix("https://")

@@ -3,7 +3,7 @@
 ``run`` and ``healthcheck`` run as real ``python -m sidecar`` processes: the
 signal handling, the exit codes and the one-line errors on stderr are only
 real there. The upstreams are the threaded blocking TLS servers of
-tests.tls_servers, so every test here is synchronous and nothing waits on a
+tests.support.tls_servers, so every test here is synchronous and nothing waits on a
 bare sleep: the tests wait on the sidecar's "listening on" log line, on
 events the upstream sets, or poll with a deadline.
 """
@@ -27,101 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from sidecar.cli import main
-from tests.conftest import PKI, free_port, sidecar_env
-from tests.tls_servers import TLSServer, answer, read_request, respond, server_context
-
-START_TIMEOUT = 20.0  # seconds for a fresh interpreter to import and bind
-SHUTDOWN = 5.0  # timeouts.shutdown of the configs below
-
+from tests.conftest import PKI, free_port
+from tests.support.process import (
+    SHUTDOWN,
+    SidecarProcess,
+    check_probe,
+    run_cli,
+    write_config,
+    write_files,
+)
+from tests.support.tls_servers import TLSServer, answer, read_request, respond, server_context
 
 # ------------------------------------------------------------------ helpers
-
-
-def write_files(directory: Path, pki: PKI) -> tuple[Path, Path]:
-    """The BTP-style client bundle (mode 0600) and the upstream's CA, in ``directory``."""
-    bundle = directory / "client-bundle.pem"
-    bundle.write_bytes(pki.client.btp_bundle())
-    bundle.chmod(0o600)
-    ca = directory / "ca.pem"
-    ca.write_bytes(pki.root.cert_pem())
-    return bundle, ca
-
-
-def write_config(
-    directory: Path, *, upstream: str, port: int, pem: str = "client-bundle.pem"
-) -> Path:
-    """A one-route config; paths are relative to it, as users write them."""
-    path = directory / "sidecar.yaml"
-    path.write_text(
-        f"""\
-log:
-  level: info
-routes:
-  - name: cli
-    listen: 127.0.0.1:{port}
-    upstream: {upstream}
-    company_id: ACME1234
-    credentials:
-      pem: {pem}
-    tls:
-      ca_file: ca.pem
-    timeouts: {{connect: 5s, read: 10s, shutdown: {SHUTDOWN}s}}
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-class SidecarProcess:
-    """``python -m sidecar ARGS`` with stdout and stderr collected by a thread."""
-
-    def __init__(self, *args: str, cwd: Path, open_files: int | None = None) -> None:
-        self.lines: list[str] = []
-        self.listening = threading.Event()
-
-        def limit_files() -> None:  # in the child, before exec: as a container starts it
-            if open_files is not None:
-                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", *args],
-            cwd=cwd,
-            env=sidecar_env(),
-            preexec_fn=limit_files,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, name="sidecar-output", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if "listening on http://" in line:
-                self.listening.set()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_listening(self) -> None:
-        if not self.listening.wait(START_TIMEOUT):
-            raise AssertionError(f"the sidecar did not start:\n{self.output}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._reader.join(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 def get(port: int, path: str, timeout: float = 15) -> tuple[int, dict[str, str], bytes]:
@@ -140,17 +58,6 @@ def refuses_connections(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args],
-        cwd=cwd,
-        env=sidecar_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 # ----------------------------------------------------------- a running sidecar
@@ -389,18 +296,11 @@ def test_run_on_a_port_in_use_exits_2(pki: PKI, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ check --probe
 
 
-def _check_probe(config: Path) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["check", "-c", str(config), "--probe"])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result.exit_code, result.output
-
-
 def test_check_probe_accepted(pki: PKI, tmp_path: Path) -> None:
     write_files(tmp_path, pki)
     with TLSServer(server_context(pki), respond) as upstream:
         config = write_config(tmp_path, upstream=upstream.url, port=free_port())
-        code, output = _check_probe(config)
+        code, output = check_probe(config)
     assert code == 0, output
     assert "certificate:  ACCEPTED" in output
     assert "HTTP status 200" in output
@@ -411,7 +311,7 @@ def test_check_probe_reports_the_negotiated_protocol(pki: PKI, tmp_path: Path) -
     write_files(tmp_path, pki)
     with TLSServer(server_context(pki), respond) as upstream:
         config = write_config(tmp_path, upstream=upstream.url, port=free_port())
-        code, output = _check_probe(config)
+        code, output = check_probe(config)
     assert code == 0, output
     assert "probe:        handshake TLSv1.3 TLS_" in output
 
@@ -421,7 +321,7 @@ def test_check_probe_rejected(pki: PKI, tmp_path: Path) -> None:
     ctx = server_context(pki, client_ca=pki.other_ca.cert_pem())
     with TLSServer(ctx, respond) as upstream:
         config = write_config(tmp_path, upstream=upstream.url, port=free_port())
-        code, output = _check_probe(config)
+        code, output = check_probe(config)
     assert code == 1, output
     assert "NOT ACCEPTED" in output
     assert "rejected the client certificate" in output
@@ -437,7 +337,7 @@ def test_check_probe_401_is_not_accepted(pki: PKI, tmp_path: Path) -> None:
     write_files(tmp_path, pki)
     with TLSServer(server_context(pki), unauthorized) as upstream:
         config = write_config(tmp_path, upstream=upstream.url, port=free_port())
-        code, output = _check_probe(config)
+        code, output = check_probe(config)
     assert code == 1, output
     assert "HTTP status 401" in output and "NOT ACCEPTED" in output
     assert "company id" in output and "X.509 certificate mapping" in output
@@ -446,7 +346,7 @@ def test_check_probe_401_is_not_accepted(pki: PKI, tmp_path: Path) -> None:
 def test_check_probe_unreachable(pki: PKI, tmp_path: Path) -> None:
     write_files(tmp_path, pki)
     config = write_config(tmp_path, upstream=f"https://localhost:{free_port()}", port=free_port())
-    code, output = _check_probe(config)
+    code, output = check_probe(config)
     assert code == 1, output
     assert "NOT ACCEPTED" in output
     assert "cannot connect" in output

@@ -1,6 +1,6 @@
 """The SAP BTP Destination Service: bindings, tokens, lookups, keystores, and secrecy.
 
-The services are the fakes in tests/fake_btp.py, on loopback: plain http (the
+The services are the fakes in tests/support/fake_btp.py, on loopback: plain http (the
 contract allows it for loopback hosts) and https with a client certificate
 for the X.509 token endpoint.
 """
@@ -30,7 +30,14 @@ from sidecar.credentials.destination import (
 )
 from sidecar.errors import CredentialError, DestinationError, PasswordError
 from tests.conftest import PKI
-from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, Served, destination_json, serve
+from tests.support.fake_btp import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    FakeBTP,
+    Served,
+    destination_json,
+    serve,
+)
 
 NAME = "sap_hcmcloud_core_odata"
 COMPANY = "ACME1234"

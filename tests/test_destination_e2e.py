@@ -28,7 +28,7 @@ from sidecar.config import (
 )
 from sidecar.demo.app import FakeUpstream, fake_successfactors
 from tests.conftest import PKI, eventually, free_port
-from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
+from tests.support.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
 NAME = "sap_hcmcloud_core_odata"
 COMPANY = "DEMO1234"

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from sidecar.cli import main
 from sidecar.config import Config, parse_config
 from tests.conftest import PKI, Demo, free_port, write_private
-from tests.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
+from tests.support.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "config" / "examples"

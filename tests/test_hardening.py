@@ -66,10 +66,9 @@ from sidecar.forward.failures import _REJECTION_ALERTS
 from sidecar.forward.handler import RouteProxy
 from sidecar.server import Sidecar
 from tests.conftest import PKI, Running, route_config
-from tests.test_proxy import RawResponse, raw, read_response
-from tests.test_proxy import assert_sidecar_error as assert_raw_error
-from tests.test_upstream_errors import Answer, assert_sidecar_error, fetch
-from tests.tls_servers import (
+from tests.support.answers import Answer, assert_sidecar_error, fetch
+from tests.support.raw_http import RawResponse, assert_raw_error, raw, read_response
+from tests.support.tls_servers import (
     IO_TIMEOUT,
     ThreadedServer,
     TLSServer,
@@ -79,7 +78,7 @@ from tests.tls_servers import (
     respond,
     server_context,
 )
-from tests.upstreams import FakeUpstream, pattern_chunks
+from tests.support.upstreams import FakeUpstream, pattern_chunks
 
 TOKEN = "s3cr3t-inbound-token-0123456789abcdef"
 GET = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"

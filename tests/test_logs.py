@@ -37,7 +37,7 @@ from sidecar.telemetry.logs import (
     setup_logging,
 )
 from tests.conftest import PKI, free_port, key_material, route_config, write_private
-from tests.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream
 
 PASSWORD = "log-test key password 91c2"
 OTHER_PASSWORD = "some other password 5d0e"

@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PKI, free_port
-from tests.test_cli_run import _check_probe, write_config, write_files
-from tests.test_upstream_errors import AlertLosingServer
-from tests.tls_servers import TLSServer, answer, read_request, server_context
+from tests.support.process import check_probe, write_config, write_files
+from tests.support.tls_servers import (
+    AlertLosingServer,
+    TLSServer,
+    answer,
+    read_request,
+    server_context,
+)
 
 
 def nginx_page(title: str) -> bytes:
@@ -48,7 +53,7 @@ def test_check_probe_calls_an_http_refusal_rejected(
     write_files(tmp_path, pki)
     with TLSServer(server_context(pki), refuse) as upstream:
         config = write_config(tmp_path, upstream=upstream.url, port=free_port())
-        code, output = _check_probe(config)
+        code, output = check_probe(config)
     assert code == 1, output
     assert f"HTTP status {status}" in output
     assert "certificate:  NOT ACCEPTED: the TLS handshake succeeded but" in output
@@ -66,7 +71,7 @@ def test_check_probe_calls_an_ordinary_400_accepted(pki: PKI, tmp_path: Path) ->
     write_files(tmp_path, pki)
     with TLSServer(server_context(pki), bad_request) as upstream:
         config = write_config(tmp_path, upstream=upstream.url, port=free_port())
-        code, output = _check_probe(config)
+        code, output = check_probe(config)
     assert code == 0, output
     assert "certificate:  ACCEPTED" in output and "HTTP status 400" in output
 
@@ -80,7 +85,7 @@ def test_check_probe_calls_a_close_right_after_the_tls13_handshake_rejected(
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     with AlertLosingServer(ctx, ending) as upstream:
         config = write_config(tmp_path, upstream=upstream.url, port=free_port())
-        code, output = _check_probe(config)
+        code, output = check_probe(config)
     assert code == 1, output
     assert "probe:        handshake rejected by the server" in output
     assert "right after the TLS handshake" in output

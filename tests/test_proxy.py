@@ -1,7 +1,7 @@
 """The forwarding handler end to end: a client, the sidecar and a fake mTLS upstream.
 
 Everything runs on loopback in the test's event loop with real TLS: the
-upstream (`tests.upstreams.FakeUpstream`) demands the client certificate, the
+upstream (`tests.support.upstreams.FakeUpstream`) demands the client certificate, the
 sidecar presents it. Where aiohttp's client would tidy up what we want to send
 (absolute-form targets, CONNECT, ``Expect``, exact percent-encoding), the
 tests talk raw HTTP/1.1 over a socket.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,7 +26,8 @@ from yarl import URL
 
 from sidecar.config import InboundConfig
 from tests.conftest import Running, route_config
-from tests.upstreams import (
+from tests.support.raw_http import assert_raw_error, raw, read_response
+from tests.support.upstreams import (
     COOKIES,
     GZIP_BODY,
     HOP_BY_HOP_RESPONSE,
@@ -150,70 +150,6 @@ async def echo(session: aiohttp.ClientSession, method: str, url: str | URL, **kw
     async with session.request(method, url, **kw) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.json()
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def read_response(reader: asyncio.StreamReader, *, method: str = "GET") -> RawResponse:
-    """One HTTP/1.1 response, framed the way RFC 9112 says (no extra bytes read)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    status = int(status_line.split()[1])
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers.add(name.strip(), value.strip())
-    if method == "HEAD" or status in (204, 304) or status < 200:
-        body = b""
-    elif "chunked" in headers.get("Transfer-Encoding", "").lower():
-        parts = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            parts.append(await reader.readexactly(size + 2))
-            if size == 0:
-                break
-        body = b"".join(p[:-2] for p in parts)
-    elif "Content-Length" in headers:
-        body = await reader.readexactly(int(headers["Content-Length"]))
-    else:
-        body = await reader.read()
-    return RawResponse(status, headers, body)
-
-
-async def raw(port: int, *requests: bytes, methods: tuple[str, ...] = ()) -> list[RawResponse]:
-    """Send each request on one connection and read its response before the next."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    answers = []
-    try:
-        async with asyncio.timeout(20):
-            for i, data in enumerate(requests):
-                writer.write(data)
-                await writer.drain()
-                method = methods[i] if i < len(methods) else data.split(b" ", 1)[0].decode()
-                answers.append(await read_response(reader, method=method))
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return answers
-
-
-def assert_sidecar_error(status: int, headers: Any, body: bytes, code: str, expected: int) -> None:
-    assert status == expected, body
-    assert headers["X-Sidecar-Error"] == code
-    assert headers["Content-Type"].startswith("application/json")
-    error = json.loads(body)["error"]
-    assert error["code"] == code
-    assert error["message"] and error["hint"]
-    assert b"Traceback" not in body
 
 
 class PeakRSS:
@@ -450,7 +386,7 @@ async def test_a_header_value_that_is_not_utf8_is_not_altered_silently(serve):
     s = await serve()
     (answer,) = await raw(s.port, b"GET /h HTTP/1.1\r\nHost: x\r\nX-Name: Jos\xe9\r\n\r\n")
     if answer.status == 400:
-        assert_sidecar_error(answer.status, answer.headers, answer.body, "bad_request", 400)
+        assert_raw_error(answer.status, answer.headers, answer.body, "bad_request", 400)
         return
     assert answer.status == 200
     # The echo decodes header bytes as UTF-8 with surrogateescape, like the sidecar.
@@ -718,7 +654,7 @@ async def test_absolute_form_target_for_another_host_is_forbidden(serve, target,
     ports = {"upstream": s.upstream_port, "other": s.upstream_port + 1}
     request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".format(**ports).encode()
     (answer,) = await raw(s.port, request)
-    assert_sidecar_error(answer.status, answer.headers, answer.body, "forbidden_target", 403)
+    assert_raw_error(answer.status, answer.headers, answer.body, "forbidden_target", 403)
     assert s.fake.requests == 0
 
 
@@ -728,7 +664,7 @@ async def test_connect_is_forbidden(serve, authority):
     authority = authority.format(upstream=s.upstream_port)
     request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
     (answer,) = await raw(s.port, request)
-    assert_sidecar_error(answer.status, answer.headers, answer.body, "forbidden_target", 403)
+    assert_raw_error(answer.status, answer.headers, answer.body, "forbidden_target", 403)
     assert s.fake.requests == 0
 
 
@@ -741,7 +677,7 @@ async def test_inbound_token_missing_or_wrong_is_refused(serve, client, sent):
     headers = {} if sent is None else {"X-Sidecar-Token": sent}
     async with client.get(f"{s.url}/h", headers=headers) as resp:
         body = await resp.read()
-        assert_sidecar_error(resp.status, resp.headers, body, "inbound_auth_required", 401)
+        assert_raw_error(resp.status, resp.headers, body, "inbound_auth_required", 401)
     assert TOKEN.encode() not in body
     assert s.fake.requests == 0
 
@@ -785,7 +721,7 @@ async def test_ready_answers_200_while_the_certificate_is_valid(serve, client):
 async def test_asterisk_form_target_is_a_bad_request(serve):
     s = await serve()
     (answer,) = await raw(s.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert_sidecar_error(answer.status, answer.headers, answer.body, "bad_request", 400)
+    assert_raw_error(answer.status, answer.headers, answer.body, "bad_request", 400)
     assert s.fake.requests == 0
 
 
@@ -835,7 +771,7 @@ async def test_no_answer_ever_carries_a_traceback(serve):
 async def test_a_malformed_request_is_answered_with_the_json_bad_request(serve):
     s = await serve()
     (answer,) = await raw(s.port, b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
-    assert_sidecar_error(answer.status, answer.headers, answer.body, "bad_request", 400)
+    assert_raw_error(answer.status, answer.headers, answer.body, "bad_request", 400)
 
 
 async def test_a_token_that_is_not_utf8_is_refused_not_crashed(serve):
@@ -848,5 +784,5 @@ async def test_a_token_that_is_not_utf8_is_refused_not_crashed(serve):
     finally:
         asyncio.get_running_loop().set_debug(False)
     assert b"Traceback" not in answer.body
-    assert_sidecar_error(answer.status, answer.headers, answer.body, "inbound_auth_required", 401)
+    assert_raw_error(answer.status, answer.headers, answer.body, "inbound_auth_required", 401)
     assert s.fake.requests == 0

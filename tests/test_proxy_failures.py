@@ -1,7 +1,7 @@
 """How the proxy answers what goes wrong: refusals at the HTTP level, bad answers, bugs.
 
 Each upstream here answers with bytes written by hand (the blocking servers of
-tests.tls_servers, one thread per connection), because what is tested is an
+tests.support.tls_servers, one thread per connection), because what is tested is an
 answer an aiohttp server would not give: nginx's certificate refusal page, a
 495, a corrupt gzip body, an unasked-for 101. The sidecar runs in the test's
 event loop; its answers are checked against DESIGN.md's error table, its
@@ -24,8 +24,14 @@ from yarl import URL
 
 import sidecar.forward.handler
 from tests.conftest import PKI, route_config
-from tests.test_upstream_errors import Answer, assert_sidecar_error, fetch, raw_exchange
-from tests.tls_servers import Handler, TLSServer, close_cleanly, read_request, server_context
+from tests.support.answers import Answer, assert_sidecar_error, fetch, raw_exchange
+from tests.support.tls_servers import (
+    Handler,
+    TLSServer,
+    close_cleanly,
+    read_request,
+    server_context,
+)
 
 # nginx's own page when `ssl_verify_client on` finds no certificate (byte for byte,
 # CRLF line ends included), and the one for a certificate it does not accept.

@@ -43,8 +43,8 @@ from aiohttp import http_parser, web, web_protocol
 
 from sidecar.config import LimitsConfig
 from tests.conftest import route_config
-from tests.test_proxy import RawResponse, assert_sidecar_error, raw, read_response
-from tests.upstreams import FakeUpstream
+from tests.support.raw_http import RawResponse, assert_raw_error, raw, read_response
+from tests.support.upstreams import FakeUpstream
 
 # --------------------------------------------------------------------- inputs
 
@@ -489,7 +489,7 @@ async def test_malformed_input_is_refused_and_the_sidecar_keeps_serving(
         if outcome.responses:
             (answer,) = outcome.responses  # exactly one answer: no second (smuggled) request
             expected = 403 if bad.code == "forbidden_target" else 400
-            assert_sidecar_error(answer.status, answer.headers, answer.body, bad.code, expected)
+            assert_raw_error(answer.status, answer.headers, answer.body, bad.code, expected)
             assert json.loads(answer.body)["error"]["code"] == bad.code
         else:
             assert outcome.closed, f"{parser}: neither an answer nor a closed connection"

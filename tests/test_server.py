@@ -22,7 +22,7 @@ import pytest
 from sidecar import server
 from sidecar.config import Config
 from tests.conftest import route_config
-from tests.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream
 
 
 async def run_then_terminate(config: Config) -> None:

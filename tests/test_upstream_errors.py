@@ -6,7 +6,7 @@ port, a reset, a slow upstream, an expiring certificate, requests the
 sidecar must refuse) and the answer is checked against the contract: the
 row's status, ``Content-Type: application/json``, ``X-Sidecar-Error`` and
 the ``{"error": {"code", "message", "hint"}}`` body, never a traceback.
-The blocking servers of tests.tls_servers stand in where an aiohttp server
+The blocking servers of tests.support.tls_servers stand in where an aiohttp server
 would hide what the sidecar must see (the TLS alert, post-handshake
 authentication, a connection closed without an answer).
 """
@@ -36,10 +36,10 @@ from sidecar.config import InboundConfig, LimitsConfig, Timeouts
 from sidecar.forward.failures import ERROR_CODES, Failure, classify
 from sidecar.forward.pool import connection_key
 from tests.conftest import PKI, free_port, load_chain, route_config
-from tests.tls_servers import (
-    IO_TIMEOUT,
+from tests.support.answers import DESIGN_TABLE, assert_sidecar_error, fetch, raw_exchange
+from tests.support.tls_servers import (
+    AlertLosingServer,
     ResetServer,
-    ThreadedServer,
     TLSServer,
     close_without_answer,
     post_handshake_auth,
@@ -49,88 +49,13 @@ from tests.tls_servers import (
     respond,
     server_context,
 )
-from tests.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream
 
-# DESIGN.md, "Errors the sidecar itself answers", copied by hand on purpose:
-# the table in the code must not drift from the contract.
-DESIGN_TABLE = {
-    "upstream_connect_failed": 502,
-    "upstream_tls_failed": 502,
-    "client_certificate_rejected": 502,
-    "upstream_timeout": 504,
-    "credentials_unavailable": 503,
-    "forbidden_target": 403,
-    "inbound_auth_required": 401,
-    "bad_request": 400,
-    "upstream_bad_response": 502,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "request_too_large": 413,
-    "request_timeout": 408,
-    "internal_error": 500,
-}
 UPSTREAM = "https://upstream.example:8443"
 TOKEN = "t" * 32
 
 
 # ------------------------------------------------------------------ helpers
-
-
-class Answer:
-    """Status, headers and body of one response, however it was obtained."""
-
-    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def __repr__(self) -> str:
-        return f"Answer({self.status}, {dict(self.headers)!r}, {self.body[:500]!r})"
-
-
-async def fetch(url: str, method: str = "GET", **kwargs: Any) -> Answer:
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, url, **kwargs) as resp:
-            return Answer(resp.status, CIMultiDict(resp.headers), await resp.read())
-
-
-async def raw_exchange(base_url: str, request: bytes) -> Answer:
-    """Send ``request`` verbatim on a new connection and read one response."""
-    url = URL(base_url)
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers.add(name.strip(), value.strip())
-        length = int(headers.get("Content-Length", "0"))
-        body = await asyncio.wait_for(reader.readexactly(length), 10)
-        return Answer(status, headers, body)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
-def assert_sidecar_error(answer: Answer, code: str) -> dict[str, str]:
-    """The sidecar's own JSON error for ``code``; returns its ``error`` object."""
-    assert b"Traceback" not in answer.body, answer
-    assert answer.status == DESIGN_TABLE[code], answer
-    assert answer.headers.get("X-Sidecar-Error") == code, answer
-    assert answer.headers.get("Content-Type", "").startswith("application/json"), answer
-    doc = json.loads(answer.body)
-    assert list(doc) == ["error"], doc
-    error = doc["error"]
-    assert set(error) == {"code", "message", "hint"}, error
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["hint"], str) and error["hint"]
-    return dict(error)
 
 
 def ok_app() -> web.Application:
@@ -199,52 +124,6 @@ async def test_tls13_post_handshake_authentication(
     subject = dict(pair[0] for pair in cert["subject"])  # type: ignore[attr-defined]
     assert subject["commonName"] == "sidecar-technical-user"
     assert upstream.requests[0].startswith(b"GET /pha HTTP/1.1")
-
-
-class AlertLosingServer(ThreadedServer):
-    """A TLS 1.3 server that refuses our certificate, and the alert saying so is lost.
-
-    The handshake runs through memory buffers, so the server decides what goes on
-    the wire: not the alert its refusal produced. ``ending`` "reset" resets the TCP
-    connection at once; "close" closes cleanly (FIN) and reads what the client still
-    sends until it closes. That is what a client sees when the alert loses the race.
-    """
-
-    def __init__(self, context: ssl.SSLContext, ending: str) -> None:
-        super().__init__()
-        self.context, self.ending = context, ending
-
-    def _serve(self, raw: socket.socket) -> None:
-        raw.settimeout(IO_TIMEOUT)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
-        try:
-            while True:
-                try:
-                    tls.do_handshake()
-                    self.errors.append(AssertionError("the certificate was accepted"))
-                    return
-                except ssl.SSLWantReadError:
-                    raw.sendall(outgoing.read())
-                    data = raw.recv(65536)
-                    if not data:
-                        return
-                    incoming.write(data)
-                except ssl.SSLError as exc:
-                    self.handshake_errors.append(exc)  # the alert stays in ``outgoing``
-                    break
-            if self.ending == "reset":
-                reset(raw)
-                return
-            raw.shutdown(socket.SHUT_WR)
-            while raw.recv(65536):
-                pass
-        except OSError as exc:
-            self.errors.append(exc)
-        finally:
-            with self._lock:
-                self._open.discard(raw)
-            raw.close()
 
 
 @pytest.mark.parametrize("ending", ["reset", "close"])

@@ -1,7 +1,7 @@
 """sidecar.forward.pool: the request head, bodies, the pool and its errors, over real mTLS.
 
 Most tests talk to `HTTPServer`, a blocking keep-alive HTTP/1.1 server on a
-TLS socket (tests.tls_servers) that records the raw bytes of every request
+TLS socket (tests.support.tls_servers) that records the raw bytes of every request
 head and body, counts the connections it accepts and how many are open at
 once, and answers by path (``/slow``, ``/drop``, ``/partial``, ``/eof``,
 ``/hints``, ``/close-after``, anything else ``200 ok``). Where a real HTTP server is the
@@ -38,8 +38,8 @@ from sidecar.forward.pool import ConnectionPool, UpstreamResponse
 from sidecar.forward.upstream import RETIRE_POLL, UpstreamClient, route_target
 from sidecar.tasks import TaskGroup
 from tests.conftest import PKI, free_port, route_config
-from tests.tls_servers import IO_TIMEOUT, TLSServer, server_context
-from tests.upstreams import FakeUpstream, pattern_chunks, pattern_sha256
+from tests.support.tls_servers import IO_TIMEOUT, TLSServer, server_context
+from tests.support.upstreams import FakeUpstream, pattern_chunks, pattern_sha256
 
 SLOW = 0.15  # seconds /slow waits before it answers
 PARTIAL_LENGTH = 1000  # the Content-Length /partial announces (it sends 10 bytes of it)

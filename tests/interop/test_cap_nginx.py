@@ -40,7 +40,7 @@ import pytest
 
 from sidecar.demo.pki import Issued
 from tests.conftest import PKI, ROOT, free_port, missing_tool, write_private
-from tests.test_cli_run import SidecarProcess, run_cli
+from tests.support.process import SidecarProcess, run_cli
 
 HERE = Path(__file__).resolve().parent
 CAP_DIR = HERE / "cap"

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from tests.upstreams import FakeUpstream, pattern_chunks, pattern_sha256
+    from tests.support.upstreams import FakeUpstream, pattern_chunks, pattern_sha256
 
     fake = FakeUpstream()                  # keep_alive=False: every answer
                                            # closes its connection

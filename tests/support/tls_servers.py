@@ -278,3 +278,49 @@ def post_handshake_auth(server: TLSServer, conn: ssl.SSLSocket) -> None:
     server.peer_certs.append(dict(cert))
     answer(conn, body=b"authenticated after the handshake")
     close_cleanly(conn)
+
+
+class AlertLosingServer(ThreadedServer):
+    """A TLS 1.3 server that refuses our certificate, and the alert saying so is lost.
+
+    The handshake runs through memory buffers, so the server decides what goes on
+    the wire: not the alert its refusal produced. ``ending`` "reset" resets the TCP
+    connection at once; "close" closes cleanly (FIN) and reads what the client still
+    sends until it closes. That is what a client sees when the alert loses the race.
+    """
+
+    def __init__(self, context: ssl.SSLContext, ending: str) -> None:
+        super().__init__()
+        self.context, self.ending = context, ending
+
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(IO_TIMEOUT)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    self.errors.append(AssertionError("the certificate was accepted"))
+                    return
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    data = raw.recv(65536)
+                    if not data:
+                        return
+                    incoming.write(data)
+                except ssl.SSLError as exc:
+                    self.handshake_errors.append(exc)  # the alert stays in ``outgoing``
+                    break
+            if self.ending == "reset":
+                reset(raw)
+                return
+            raw.shutdown(socket.SHUT_WR)
+            while raw.recv(65536):
+                pass
+        except OSError as exc:
+            self.errors.append(exc)
+        finally:
+            with self._lock:
+                self._open.discard(raw)
+            raw.close()
