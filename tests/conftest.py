@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import os
 import shutil
 import socket
@@ -278,13 +279,27 @@ def free_port() -> int:
     return port
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
-    """Poll the async ``check`` until it is true; fail with ``what`` after ``within`` s."""
+async def eventually(
+    check: Callable[[], bool] | Callable[[], Awaitable[bool]],
+    *,
+    within: float,
+    what: str,
+    every: float = 0.05,
+) -> bool:
+    """Poll ``check`` (sync or async) every ``every`` s, without blocking the loop,
+    until it is true; fail with ``what`` after ``within`` s. The one ``eventually``
+    of the suite; returns True, so ``assert await eventually(...)`` reads as it runs."""
     deadline = asyncio.get_running_loop().time() + within
-    while not await check():
+
+    async def holds() -> bool:
+        result = check()
+        return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+    while not await holds():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every)
+    return True
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from sidecar.errors import ConfigError, CredentialError, PasswordError, SidecarE
 from sidecar.forward.failures import _REJECTION_ALERTS
 from sidecar.forward.handler import RouteProxy
 from sidecar.server import Sidecar
-from tests.conftest import PKI, Running, route_config
+from tests.conftest import PKI, Running, eventually, route_config
 from tests.support.answers import Answer, assert_sidecar_error, fetch
 from tests.support.raw_http import RawResponse, assert_raw_error, raw, read_response
 from tests.support.tls_servers import (
@@ -142,15 +142,6 @@ async def seconds_until_closed(reader: asyncio.StreamReader, limit: float = 10) 
         data = b""
     assert data == b"", f"expected a silent close, got {data[:200]!r}"
     return time.monotonic() - started
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 def write_bundle(path: Path, issued: Issued, password: bytes | None = None) -> Path:
@@ -680,7 +671,11 @@ async def test_client_leaving_cancels_the_upstream_request_and_leaks_nothing(
     # warm-up) nothing is left over from the abandoned request.
     async with aiohttp.ClientSession() as session, session.get(running.url + "/after") as resp:
         assert resp.status == 200
-    assert await eventually(lambda: Resources.now(running).back_to(baseline)), (
+    assert await eventually(
+        lambda: Resources.now(running).back_to(baseline),
+        within=5.0,
+        what=f"the resources back to {baseline}",
+    ), (
         baseline,
         Resources.now(running),
     )
@@ -1161,7 +1156,11 @@ async def test_the_key_never_touches_disk_while_starting_and_rotating(
         os.replace(staged, bundle)  # the rotation: a rename, no bytes written
         sidecar.reload_all()
         assert await eventually(
-            lambda: rt.client.current is not None and rt.client.current.identity.leaf == second.cert
+            lambda: (
+                rt.client.current is not None and rt.client.current.identity.leaf == second.cert
+            ),
+            within=5.0,
+            what="the rotated certificate picked up",
         ), "the rotated certificate was not picked up"
         assert (await fetch(base + "/two")).status == 200
         kinds, holding = open_files_holding(secrets)  # while it runs

@@ -37,7 +37,7 @@ from sidecar.forward.failures import classify
 from sidecar.forward.pool import ConnectionPool, UpstreamResponse
 from sidecar.forward.upstream import RETIRE_POLL, UpstreamClient, route_target
 from sidecar.tasks import TaskGroup
-from tests.conftest import PKI, free_port, route_config
+from tests.conftest import PKI, eventually, free_port, route_config
 from tests.support.tls_servers import IO_TIMEOUT, TLSServer, server_context
 from tests.support.upstreams import FakeUpstream, pattern_chunks, pattern_sha256
 
@@ -205,14 +205,6 @@ def _read_body(buffer: _Buffer, head: bytes) -> tuple[bytes, bytes]:
 def _answer(conn: ssl.SSLSocket, method: bytes, body: bytes, extra: bytes = b"") -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (len(body), extra)
     conn.sendall(head if method == b"HEAD" else head + body)
-
-
-async def eventually(check: Callable[[], bool], within: float = 1.0) -> None:
-    """Wait (without blocking the loop) until ``check()`` is true; fail after ``within``."""
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def stream(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
@@ -503,7 +495,7 @@ async def test_a_response_released_unread_closes_its_connection(
     assert pool.open_connections() == 0
     assert not pool.busy
     await asyncio.wait_for(closed, 1)
-    await eventually(lambda: server.ended == 1)
+    await eventually(lambda: server.ended == 1, within=1.0, what="server.ended == 1", every=0.01)
     assert await get(pool) == (200, b"ok")
     assert server.connections == 2
     response.release()  # twice is harmless
@@ -587,8 +579,15 @@ async def test_idle_connections_are_swept_after_keepalive(
     pool = make_pool(server.port, keepalive=0.2)
     assert await get(pool) == (200, b"ok")
     assert pool.open_connections() == 1
-    await eventually(lambda: pool.open_connections() == 0, within=1.0)
-    await eventually(lambda: server.ended == 1, within=1.0)  # closed at the server too
+    await eventually(
+        lambda: pool.open_connections() == 0,
+        within=1.0,
+        what="pool.open_connections() == 0",
+        every=0.01,
+    )
+    await eventually(
+        lambda: server.ended == 1, within=1.0, what="server.ended == 1", every=0.01
+    )  # closed at the server too
     assert await get(pool) == (200, b"ok")  # and a new one opens
     assert server.connections == 2
 
@@ -718,12 +717,14 @@ async def test_a_cancelled_request_drops_its_connection(
 ) -> None:
     pool = make_pool(server.port)
     task = asyncio.get_running_loop().create_task(get(pool, "/slow"))
-    await eventually(lambda: len(server.requests) == 1)
+    await eventually(
+        lambda: len(server.requests) == 1, within=1.0, what="len(server.requests) == 1", every=0.01
+    )
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert pool.open_connections() == 0 and not pool.busy
-    await eventually(lambda: server.ended == 1)
+    await eventually(lambda: server.ended == 1, within=1.0, what="server.ended == 1", every=0.01)
     assert await get(pool) == (200, b"ok")
     assert server.connections == 2
 
@@ -740,7 +741,7 @@ async def test_close_closes_idle_connections_and_refuses_new_requests(
     await pool.close()
     assert pool.closed is True
     assert pool.open_connections() == 0
-    await eventually(lambda: server.ended == 1)
+    await eventually(lambda: server.ended == 1, within=1.0, what="server.ended == 1", every=0.01)
     with pytest.raises(aiohttp.ClientConnectionError):
         await pool.request("GET", "/", CIMultiDict(), None)
     assert server.connections == 1
@@ -883,7 +884,12 @@ async def test_a_request_body_that_fails_oddly_is_an_upstream_failure_not_a_cras
         response.release()
     assert isinstance(caught.value.__cause__, RuntimeError)
     assert classify(caught.value, upstream="u").code == "upstream_connect_failed"
-    await eventually(lambda: not pool.busy and pool.open_connections() == 0)
+    await eventually(
+        lambda: not pool.busy and pool.open_connections() == 0,
+        within=1.0,
+        what="not pool.busy and pool.open_connections() == 0",
+        every=0.01,
+    )
 
 
 async def test_waiters_are_served_in_arrival_order(
@@ -991,7 +997,12 @@ async def test_the_read_timeout_runs_again_after_an_interim_answer(
         await pool.request("GET", "/hints-stall", CIMultiDict(), None)
     assert time.monotonic() - started < 3
     assert classify(caught.value, upstream="u").kind == "timeout"
-    await eventually(lambda: not pool.busy and pool.open_connections() == 0)
+    await eventually(
+        lambda: not pool.busy and pool.open_connections() == 0,
+        within=1.0,
+        what="not pool.busy and pool.open_connections() == 0",
+        every=0.01,
+    )
 
 
 async def test_an_upstream_that_stops_reading_an_upload_times_out(
@@ -1012,7 +1023,12 @@ async def test_an_upstream_that_stops_reading_an_upload_times_out(
     finally:
         server.close_now.set()
     assert classify(aiohttp.ServerTimeoutError("x"), upstream="u").kind == "timeout"
-    await eventually(lambda: not pool.busy and pool.open_connections() == 0)
+    await eventually(
+        lambda: not pool.busy and pool.open_connections() == 0,
+        within=1.0,
+        what="not pool.busy and pool.open_connections() == 0",
+        every=0.01,
+    )
 
 
 async def test_a_retired_pool_waits_for_a_request_that_took_it_before_the_swap(
@@ -1030,7 +1046,7 @@ async def test_a_retired_pool_waits_for_a_request_that_took_it_before_the_swap(
             client.install(loaded.identity, route_target(route, loaded))  # retires the old
             await asyncio.sleep(4 * RETIRE_POLL)
             assert not old.pool.closed  # the request can still use it
-        await eventually(lambda: old.pool.closed, within=2.0)
+        await eventually(lambda: old.pool.closed, within=2.0, what="old.pool.closed", every=0.01)
     finally:
         await client.close()
         await tasks.close()
