@@ -82,11 +82,11 @@ def newman() -> str:
 # (cli.py). The other modules run on asyncio only, which keeps the suite's time down.
 BOTH_LOOPS = frozenset(
     {
-        "test_proxy",
-        "test_upstream_errors",
-        "test_rewrite_proxy",
+        "forward/test_proxy",
+        "forward/test_upstream_errors",
+        "forward/test_rewrite_proxy",
         "test_hardening",
-        "test_tls_sessions",
+        "credentials/test_tls_sessions",
         "test_event_loops",  # checks that the loop named in a test id is the one running
     }
 )
@@ -105,7 +105,8 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """The event loops an async test runs on; the name shows in its id, e.g. ``[uvloop]``."""
-    if item.path.stem in BOTH_LOOPS and sys.platform != "win32":
+    module = item.path.resolve().relative_to(ROOT / "tests").with_suffix("").as_posix()
+    if module in BOTH_LOOPS and sys.platform != "win32":
         return {"asyncio": asyncio.new_event_loop, "uvloop": _uvloop}
     return {"asyncio": asyncio.new_event_loop}
 

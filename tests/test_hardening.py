@@ -16,7 +16,7 @@ Four groups, as the [hardening] issue lists them:
 - **secrets**: the key never touches a file system while the sidecar starts
   and rotates, and no error text carries a password or key material.
 
-The request-parsing battery lives in tests/test_request_parsing.py.
+The request-parsing battery lives in tests/forward/test_request_parsing.py.
 """
 
 from __future__ import annotations

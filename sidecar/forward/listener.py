@@ -43,7 +43,7 @@ aiohttp internals this module relies on (checked against aiohttp 3.14):
   itself), ``_type``, ``ParseState`` and ``PayloadState``; and the rule that
   ``HttpParser.feed_data`` re-raises only ``InvalidHeader`` and
   ``TransferEncodingError`` from a body (the battery in
-  tests/test_request_parsing.py pins it);
+  tests/forward/test_request_parsing.py pins it);
 - the tests swap ``web_protocol.HttpRequestParser`` to run both parsers.
 
 The response side (the end of this module, used by the proxy) relies on:
@@ -110,7 +110,7 @@ class _CheckedRequestParser(_PurePythonParser):  # type: ignore[misc,valid-type]
     """aiohttp's pure-Python request parser with the checks llhttp makes and it lacks.
 
     Platforms without aiohttp's C extensions get this parser; every input gets
-    the verdict llhttp gives it (tests/test_request_parsing.py runs its battery
+    the verdict llhttp gives it (tests/forward/test_request_parsing.py runs its battery
     on both): a known method in its case, an ASCII request target, runs of
     spaces in the request line, ``Content-Length`` within 64 bits,
     ``chunked`` once and last, and refusals in a body (chunk sizes and

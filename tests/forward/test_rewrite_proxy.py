@@ -24,7 +24,7 @@ from yarl import URL
 
 import sidecar.forward.pool
 from sidecar.config import TLSConfig
-from tests.conftest import route_config
+from tests.conftest import ROOT, route_config
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ class ChildSidecar:
     """The sidecar in a child process; its peak RSS from /proc/PID/status."""
 
     def __init__(self, upstream: str, bundle: Path, ca: Path) -> None:
-        root = Path(__file__).resolve().parent.parent
+        root = ROOT
         env = {**os.environ, "PYTHONPATH": str(root)}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", SIDECAR_CHILD, upstream, str(bundle), str(ca), BOMB_HOST],

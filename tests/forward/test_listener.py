@@ -2,7 +2,7 @@
 
 aiohttp falls back to its pure-Python parser where its C extension is missing;
 `sidecar.forward.listener.refuse_as_llhttp` makes that parser refuse what llhttp
-refuses. The raw-socket battery (tests/test_request_parsing.py) runs on both
+refuses. The raw-socket battery (tests/forward/test_request_parsing.py) runs on both
 parsers; here the grammar edges are compared with llhttp itself, directly on
 the parsers, including inputs both must accept.
 """

@@ -1,0 +1,1 @@
+"""Tests of sidecar/credentials/: identities, their sources, destinations, TLS sessions."""

@@ -1,0 +1,1 @@
+"""Tests of sidecar/forward/: one request's path, listener to failures."""
