@@ -150,3 +150,44 @@ def test_every_module_architecture_md_names_exists() -> None:
 def test_the_command_groups_are_imported_only_by_the_cli() -> None:
     importers = _importers("sidecar.commands")
     assert importers == ["sidecar.cli"]
+
+
+TESTS = PACKAGE.parent / "tests"
+# tests/ folders that mirror no package of sidecar/: the CLI (cli.py and commands/),
+# the shared helpers, and the interoperability tests against real third-party software.
+TEST_FOLDERS_OF_THEIR_OWN = {"cli", "support", "interop"}
+
+
+def _test_files() -> list[Path]:
+    return sorted(p for p in TESTS.rglob("*.py") if "node_modules" not in p.parts)
+
+
+def test_the_test_folders_mirror_the_packages() -> None:
+    folders = {p.name for p in TESTS.iterdir() if (p / "__init__.py").is_file()}
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert sorted(folders - packages - TEST_FOLDERS_OF_THEIR_OWN) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in tests/conftest.py or tests/support/, never in a test file."""
+    offenders = []
+    for path in _test_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            if any(n.rpartition(".")[2].startswith("test_") for n in names):
+                offenders.append(f"{path.relative_to(TESTS.parent)}: {names}")
+    assert offenders == []
+
+
+def test_one_eventually() -> None:
+    defined = [
+        path.relative_to(TESTS.parent).as_posix()
+        for path in _test_files()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "eventually"
+    ]
+    assert defined == ["tests/conftest.py"]
