@@ -99,6 +99,14 @@ class InboundConfig:
 
 
 @dataclass(frozen=True)
+class SessionConfig:
+    """What the sidecar keeps of the upstream's sessions for clients that keep none."""
+
+    reuse: bool = True  # keep the upstream's session cookies for clients that send none
+    csrf: bool = True  # fetch, cache and send X-CSRF-Token on writes that carry none
+
+
+@dataclass(frozen=True)
 class ListenAddress:
     host: str
     port: int
@@ -155,6 +163,7 @@ class RouteConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     inbound: InboundConfig = field(default_factory=InboundConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from sidecar.config.schema import (
     ListenAddress,
     LogConfig,
     RouteConfig,
+    SessionConfig,
     Timeouts,
     TLSConfig,
 )
@@ -249,6 +250,7 @@ class Reader:
         keys = (
             "name", "listen", "upstream", "company_id", "headers", "query", "credentials",
             "tls", "rewrite_links", "rewrite_hosts", "timeouts", "inbound", "limits",
+            "session",
         )  # fmt: skip
         m = self.mapping(path, v, keys)
         if v.value is None:
@@ -299,6 +301,14 @@ class Reader:
             timeouts=self.timeouts(f"{path}.timeouts", m.get("timeouts")),
             limits=self.limits(f"{path}.limits", m.get("limits")),
             inbound=inbound,
+            session=self.session(f"{path}.session", m.get("session")),
+        )
+
+    def session(self, path: str, v: Raw | None) -> SessionConfig:
+        m = self.mapping(path, v, ("reuse", "csrf"))
+        return SessionConfig(
+            reuse=self.boolean(f"{path}.reuse", m.get("reuse"), True),
+            csrf=self.boolean(f"{path}.csrf", m.get("csrf"), True),
         )
 
     def credentials(self, path: str, v: Raw | None, route: Raw) -> CredentialsConfig:

@@ -26,6 +26,7 @@ from sidecar.config import (
     LogConfig,
     RouteConfig,
     RouteFlags,
+    SessionConfig,
     Timeouts,
     TLSConfig,
     UpstreamURL,
@@ -116,6 +117,9 @@ routes:
         service_key: destination-service-key.json  # else VCAP_SERVICES, else $SERVICE_BINDING_ROOT
         refresh: 15m               # at least 1s
       warn_before: 30d             # log a warning when the leaf expires sooner
+    session:
+      reuse: true                  # keep the upstream's session cookies for clients that send none
+      csrf: true                   # fetch, cache and send X-CSRF-Token on writes that carry none
     tls:
       ca_file: null                # extra trust anchors for the upstream server
       server_name: null            # SNI / verification name override
@@ -261,6 +265,14 @@ def test_design_example_with_one_source_parses() -> None:
     assert r.headers == {"x-extra": "value"}
     assert r.tls == TLSConfig()
     assert r.timeouts == Timeouts(connect=10, read=300, shutdown=10)
+    assert r.session == SessionConfig(reuse=True, csrf=True)
+
+
+def test_session_switches_parse() -> None:
+    (r,) = parse(route("session: {reuse: false, csrf: no}\n")).routes
+    assert r.session == SessionConfig(reuse=False, csrf=False)
+    (r,) = parse(route("session: {csrf: false}\n")).routes
+    assert r.session == SessionConfig(reuse=True, csrf=False)
 
 
 def test_defaults_when_keys_are_omitted() -> None:
@@ -279,6 +291,7 @@ def test_defaults_when_keys_are_omitted() -> None:
     assert r.rewrite_links is True and r.rewrite_hosts == ()
     assert r.timeouts == Timeouts(connect=10.0, read=300.0, shutdown=10.0)
     assert r.inbound == InboundConfig(allow_remote=False, token_env=None)
+    assert r.session == SessionConfig(reuse=True, csrf=True)
     assert r.credentials.warn_before == 30 * 86400
     assert r.credentials.key is None and r.credentials.password_env is None
 
@@ -555,6 +568,9 @@ def test_unknown_top_level_key() -> None:
         ("name: [a]\n", "routes[0].name", "expected a string, got a list"),
         ("name: 'my route'\n", "routes[0].name", "use letters, digits, '.', '_' and '-' only"),
         ("query: {a: null}\n", "routes[0].query.a", "needs a value"),
+        ("session: yes\n", "routes[0].session", "expected a mapping, got a boolean"),
+        ("session: {reuse: maybe}\n", "routes[0].session.reuse", "expected true or false"),
+        ("session: {cookies: true}\n", "routes[0].session.cookies", "unknown key"),
     ],
 )
 def test_wrong_types(extra: str, key_path: str, message: str) -> None:
