@@ -18,6 +18,8 @@ COMPANY_ID_HEADER = "successfactors-companyid"
 TOKEN_HEADER = "X-Sidecar-Token"
 #: a request id the client may send; echoed back and logged, never forwarded
 REQUEST_ID_HEADER = "X-Request-ID"
+#: SAP's CSRF token: ``Fetch`` asks for one, ``Required`` refuses a write without a valid one
+CSRF_HEADER = "X-CSRF-Token"
 #: RFC 9110 field name (a token)
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 #: connection-level headers: never forwarded either way

@@ -157,6 +157,15 @@ def route_status(rt: RouteRuntime) -> dict[str, object]:
     s = rt.stats
     entry["last_refresh"] = s.last_reload or None
     entry["counters"] = {"requests": s.requests, "upstream_errors": s.upstream_errors}
+    # The upstream session: counts and ages (the current identity's), never a value.
+    entry["session"] = {
+        "reuse": rt.route.session.reuse,
+        "csrf": rt.route.session.csrf,
+        **(generation.session.status() if generation is not None else {}),
+        "sessions_opened": s.sessions,
+        "csrf_fetches": s.csrf_fetches,
+        "throttled": s.throttled,
+    }
     entry["last_upstream_error"] = (
         {"at": s.last_upstream_error.at, "message": s.last_upstream_error.message}
         if s.last_upstream_error

@@ -28,6 +28,7 @@ from sidecar.config import (
     CredentialsConfig,
     ListenAddress,
     RouteConfig,
+    SessionConfig,
     TLSConfig,
     parse_upstream,
 )
@@ -217,6 +218,11 @@ async def tls_upstream(pki: PKI) -> AsyncIterator[Callable[..., Awaitable[str]]]
     yield start
     for r in runners:
         await r.cleanup()
+
+
+#: for tests that count what reaches the upstream: no CSRF token fetch before a write
+#: (the session's own requests are tested in tests/forward/test_session.py)
+NO_CSRF = SessionConfig(csrf=False)
 
 
 def route_config(

@@ -65,7 +65,7 @@ from sidecar.errors import ConfigError, CredentialError, PasswordError, SidecarE
 from sidecar.forward.failures import _REJECTION_ALERTS
 from sidecar.forward.handler import RouteProxy
 from sidecar.server import Sidecar
-from tests.conftest import PKI, Running, eventually, route_config
+from tests.conftest import NO_CSRF, PKI, Running, eventually, route_config
 from tests.support.answers import Answer, assert_sidecar_error, fetch
 from tests.support.raw_http import RawResponse, assert_raw_error, raw, read_response
 from tests.support.tls_servers import (
@@ -355,6 +355,7 @@ async def test_a_stalled_upload_is_cut_and_does_not_starve_the_upstream_pool(
         limits=LimitsConfig(header_timeout=0.5, idle_timeout=1, upstream_connections=1),
         # connect=2: the wait for the one connection counts against it (about 0.7 s here)
         timeouts=Timeouts(connect=2, read=1, shutdown=1),
+        session=NO_CSRF,  # else the body is read (kept for a CSRF resend) before connecting
     )
     reader, writer = await connect(s.port)
     try:
@@ -521,7 +522,9 @@ async def test_upstream_reset_mid_request_is_never_a_success(
 
     headers = {"Content-Length": str(size)} if framing == "content-length" else {}
     with TLSServer(server_context(pki), answer_then_reset_mid_request) as upstream:
-        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        running = await start_sidecar(
+            route_config(upstream.url, bundle_file, ca_file, session=NO_CSRF)
+        )
         assert (await fetch(running.url + "/warm-up")).status == 200
         outcome: Answer | BaseException
         try:

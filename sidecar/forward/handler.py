@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import HttpVersion, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.config import RouteConfig, UpstreamURL
@@ -70,7 +70,7 @@ from sidecar.forward.headers import (
     upstream_request_headers,
 )
 from sidecar.forward.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
-from sidecar.forward.pool import ConnectionPool, UpstreamResponse
+from sidecar.forward.pool import UpstreamResponse
 from sidecar.forward.rewrite import (
     BodyDecodeError,
     BodyRewriter,
@@ -78,8 +78,15 @@ from sidecar.forward.rewrite import (
     rewritten_headers,
     should_rewrite,
 )
-from sidecar.forward.upstream import Target, UpstreamClient
-from sidecar.http_rules import HOST_VALUE, REQUEST_ID_HEADER, REQUEST_ID_VALUE, TOKEN_HEADER
+from sidecar.forward.session import RETRY_BODY, WRITES, refuses_token, service_root
+from sidecar.forward.upstream import Generation, Target, UpstreamClient
+from sidecar.http_rules import (
+    CSRF_HEADER,
+    HOST_VALUE,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_VALUE,
+    TOKEN_HEADER,
+)
 from sidecar.telemetry.logs import access_logger, redact_query
 from sidecar.telemetry.metrics import RouteStats
 
@@ -114,6 +121,11 @@ class _Exchange:
     bytes_out: int = 0
     response: web.StreamResponse | None = None  # once its head went out
     recorded: bool = False  # `_record` ran: never twice
+    supplied: str = ""  # what the sidecar's session added: "session", "csrf", "csrf-retry"
+
+    def supply(self, what: str) -> None:
+        if what not in self.supplied.split(","):
+            self.supplied = f"{self.supplied},{what}" if self.supplied else what
 
 
 class RouteProxy:
@@ -182,27 +194,29 @@ class RouteProxy:
     async def _forward(self, ex: _Exchange) -> web.StreamResponse:
         request = ex.request
         try:
-            pool, target, path = self._prepare(request)
+            generation, path = self._prepare(request)
         except _Refused as refused:
             return self._finish(ex, self._answer(ex, refused.code, refused.message, refused.hint))
+        target = generation.target
         # Until the request holds an upstream connection, the pool counts it as a user,
         # so a credential swap in between cannot retire the pool under it.
-        with pool.in_use():
+        with generation.pool.in_use():
             if request.headers.get("Expect", "").lower() == "100-continue":
                 # Checks passed: invite the body (a refusal above is answered without it).
                 await send_continue(request)
-            headers = upstream_request_headers(
-                request.headers,
-                drop=target.drop,
-                set_headers=target.set_headers,
-                request_id=ex.request_id,
-                rewriting=bool(target.rewrite_bases),
-            )
+            send = _Send(generation, path, request)
             body = None
-            if request.body_exists:
-                body = _request_body(request.content, self._max_body, self.route.timeouts.read)
+            kept: list[bytes] | None = None  # the body, when a CSRF refusal may resend it
             try:
-                upstream = await pool.request(request.method, path, headers, body)
+                if request.body_exists:
+                    body = _request_body(request.content, self._max_body, self.route.timeouts.read)
+                    if send.csrf_root is not None and (request.content_length or 0) <= RETRY_BODY:
+                        kept, body = await _kept(body, RETRY_BODY)
+                upstream = await self._send(ex, send, body)
+                read = b""
+                if send.csrf_root is not None and refuses_token(upstream.status, upstream.headers):
+                    if kept is not None or body is None:
+                        upstream, read = await self._resend(ex, send, upstream, kept)
             except Exception as exc:  # the one table decides; unknown ones propagate
                 body_error = _client_body_error(exc)
                 if body_error is not None:
@@ -213,12 +227,114 @@ class RouteProxy:
                 return self._finish(ex, self._failed(ex, fail))
         ex.upstream_time = time.perf_counter() - ex.started
         try:
-            response = await self._relay(ex, upstream, target)
+            response = await self._relay(ex, upstream, target, read)
         finally:
             upstream.release()
         return self._finish(ex, response)
 
-    def _prepare(self, request: web.BaseRequest) -> tuple[ConnectionPool, Target, str]:
+    # ---------------------------------------------------------------- the session
+
+    async def _send(
+        self, ex: _Exchange, send: _Send, body: AsyncIterator[bytes] | None
+    ) -> UpstreamResponse:
+        """One request upstream, with the session's cookies and CSRF token when it governs."""
+        generation, session = send.generation, send.generation.session
+        headers = upstream_request_headers(
+            send.client,
+            drop=generation.target.drop,
+            set_headers=generation.target.set_headers,
+            request_id=ex.request_id,
+            rewriting=bool(generation.target.rewrite_bases),
+        )
+        if send.governed:
+            if send.csrf_root is not None:
+                token = send.token or await session.token(
+                    send.csrf_root, lambda: self._fetch_token(ex, send)
+                )
+                if token is not None:
+                    headers[CSRF_HEADER] = send.token = token
+                    ex.supply("csrf")
+            cookie = session.cookie_header(send.path)
+            if cookie is not None:
+                headers["Cookie"] = cookie  # replaces cookies the client echoed back
+                ex.supply("session")
+        upstream = await generation.pool.request(ex.request.method, send.target, headers, body)
+        if send.governed:
+            self._keep_cookies(send, upstream, send.path)
+        return upstream
+
+    async def _resend(
+        self, ex: _Exchange, send: _Send, refused: UpstreamResponse, kept: list[bytes] | None
+    ) -> tuple[UpstreamResponse, bytes]:
+        """A write refused for its CSRF token, sent once more with a fresh one (DESIGN.md:
+        the one exception to never-retry, the upstream having refused it unprocessed).
+
+        Returns the answer to relay and the body bytes already read from it: the
+        refusal itself when no other token comes or its body is too long to keep.
+        """
+        read = await refused.read_at_most(SMALL_BODY + 1)
+        if len(read) > SMALL_BODY:
+            return refused, read
+        refused.release()
+        assert send.csrf_root is not None
+        stale = send.token
+        send.token = await send.generation.session.fresh_token(
+            send.csrf_root, stale, lambda: self._fetch_token(ex, send)
+        )
+        if send.token is None or send.token == stale:
+            return refused, read
+        ex.supply("csrf-retry")
+        return await self._send(ex, send, None if kept is None else _replay(kept)), b""
+
+    async def _fetch_token(self, ex: _Exchange, send: _Send) -> str | None:
+        """``GET`` of the service root with ``X-CSRF-Token: Fetch``, in the session."""
+        assert send.csrf_root is not None
+        generation, root = send.generation, send.csrf_root
+        target = root + (f"?{q}" if (q := merge_query("", generation.target.query)) else "")
+        headers = upstream_request_headers(
+            _NO_HEADERS,
+            drop=(),
+            set_headers=generation.target.set_headers,
+            request_id=f"{ex.request_id}-csrf",
+            rewriting=False,
+        )
+        headers[CSRF_HEADER] = "Fetch"
+        cookie = generation.session.cookie_header(root)
+        if cookie is not None:
+            headers["Cookie"] = cookie
+        extra = {"route": self.route.name, "request_id": ex.request_id}
+        self.stats.csrf_fetched()
+        try:
+            answer = await generation.pool.request("GET", target, headers, None)
+            try:
+                await answer.read_at_most(_FETCH_BODY)  # a longer body closes the connection
+                self._keep_cookies(send, answer, root)
+            finally:
+                answer.release()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            fail = classify(exc, upstream=str(generation.target.upstream))
+            log.warning("CSRF token fetch failed (%s); the write goes without a token",
+                        fail.message, extra=extra)  # fmt: skip
+            return None
+        token = answer.headers.get(CSRF_HEADER, "").strip()
+        if answer.status >= 400 or not token or token.lower() in ("required", "fetch"):
+            log.info("the upstream offered no CSRF token at %s (%d); writes go without one",
+                     root, answer.status, extra=extra)  # fmt: skip
+            return None
+        log.info("CSRF token fetched at %s for writes that carry none", root, extra=extra)
+        return token
+
+    def _keep_cookies(self, send: _Send, upstream: UpstreamResponse, path: str) -> None:
+        if send.generation.session.store(upstream.headers.getall("Set-Cookie", ()), path):
+            self.stats.session_opened()
+            log.info(
+                "the upstream opened a session; its cookies are kept for clients that send none",
+                extra={"route": self.route.name},
+            )
+
+    # ---------------------------------------------------------------- refusals
+
+    def _prepare(self, request: web.BaseRequest) -> tuple[Generation, str]:
         """Refuse what must not go upstream; else the pool, target and request target to use."""
         if request.version not in _VERSIONS:
             raise _Refused(BAD_REQUEST, f"HTTP/{request.version[0]}.{request.version[1]} is "
@@ -265,12 +381,15 @@ class RouteProxy:
             )
         query = merge_query(query, target.query)
         path = target.upstream.path_prefix + path + (f"?{query}" if query else "")
-        return generation.pool, target, path
+        return generation, path
 
     async def _relay(
-        self, ex: _Exchange, upstream: UpstreamResponse, target: Target
+        self, ex: _Exchange, upstream: UpstreamResponse, target: Target, read: bytes = b""
     ) -> web.StreamResponse:
+        """Relay an answer (``read``: the start of its body, read already)."""
         request = ex.request
+        if upstream.status in (429, 503) and "Retry-After" in upstream.headers:
+            self.stats.upstream_throttled()
         if upstream.status == 101:
             # Never asked for (Upgrade is hop-by-hop and not forwarded). The connection
             # now speaks another protocol: the pool must not hand it out again.
@@ -284,7 +403,7 @@ class RouteProxy:
                 ),
             )
         try:
-            head, refusal = await peek_refusal(upstream, request.method)
+            head, refusal = (read, None) if read else await peek_refusal(upstream, request.method)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self._failed(ex, self._body_failure(exc, target))
         if refusal is not None and refusal.certain:
@@ -493,13 +612,41 @@ class RouteProxy:
             "duration_ms": round((time.perf_counter() - ex.started) * 1000, 2),
             "upstream_ms": None if ex.upstream_time is None else round(ex.upstream_time * 1000, 2),
             "request_id": ex.request_id,
+            "supplied": ex.supplied or None,
         }
-        access_logger.info(
-            "%(route)s %(method)s %(path)s %(status)d in=%(bytes_in)d out=%(bytes_out)d "
-            "%(duration_ms)sms upstream=%(upstream_ms)sms id=%(request_id)s",
-            fields,
-            extra=fields,
+        access_logger.info(_ACCESS_SUPPLIED if ex.supplied else _ACCESS, fields, extra=fields)
+
+
+_ACCESS = (
+    "%(route)s %(method)s %(path)s %(status)d in=%(bytes_in)d out=%(bytes_out)d "
+    "%(duration_ms)sms upstream=%(upstream_ms)sms id=%(request_id)s"
+)
+# ... and what the sidecar's session supplied (cookies, CSRF token, a resend)
+_ACCESS_SUPPLIED = _ACCESS + " supplied=%(supplied)s"
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+_FETCH_BODY = 1024 * 1024  # bytes of a token fetch's answer read (dropped): more closes it
+
+
+class _Send:
+    """One client request's upstream sends: where to, and what the session supplies."""
+
+    __slots__ = ("generation", "target", "path", "client", "governed", "csrf_root", "token")
+
+    def __init__(self, generation: Generation, target: str, request: web.BaseRequest) -> None:
+        self.generation, self.target, self.client = generation, target, request.headers
+        self.path = target.partition("?")[0]  # cookies match on the path alone
+        session = generation.session
+        self.governed = session.governs(request.headers)
+        # Where the CSRF token comes from, when the sidecar supplies it (else None)
+        self.csrf_root = (
+            service_root(self.path)
+            if self.governed
+            and session.csrf
+            and request.method in WRITES
+            and CSRF_HEADER not in request.headers
+            else None
         )
+        self.token: str | None = None  # the token sent last
 
 
 class _ClientBodyError(Exception):
@@ -531,6 +678,33 @@ async def _request_body(
                 REQUEST_TOO_LARGE,
                 f"the request body is larger than limits.max_body ({limit} bytes)",
             )
+        yield chunk
+
+
+async def _kept(
+    body: AsyncIterator[bytes], limit: int
+) -> tuple[list[bytes] | None, AsyncIterator[bytes]]:
+    """A body read up to ``limit`` bytes: all of it (kept, to send again if need be), or
+    None and the body to stream when it is longer (the chunks read, then the rest)."""
+    chunks: list[bytes] = []
+    seen = 0
+    async for chunk in body:
+        chunks.append(chunk)
+        seen += len(chunk)
+        if seen > limit:
+            return None, _chained(chunks, body)
+    return chunks, _replay(chunks)
+
+
+async def _replay(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _chained(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
         yield chunk
 
 

@@ -22,6 +22,7 @@ from sidecar.errors import ConfigError
 from sidecar.forward.headers import route_headers
 from sidecar.forward.pool import ConnectionPool
 from sidecar.forward.rewrite import upstream_bases
+from sidecar.forward.session import UpstreamSession
 from sidecar.http_rules import COMPANY_ID_HEADER
 from sidecar.tasks import TaskGroup
 
@@ -94,12 +95,14 @@ def route_pool(
 
 @dataclass(frozen=True)
 class Generation:
-    """One identity, where it sends requests, and the pool that presents it."""
+    """One identity, where it sends requests, the pool that presents it, and its
+    upstream session (a new certificate is a new login: its own cookies and tokens)."""
 
     identity: ClientIdentity
     target: Target
     pool: ConnectionPool
     loaded_at: dt.datetime
+    session: UpstreamSession
 
     @functools.cached_property
     def not_after(self) -> dt.datetime:
@@ -123,7 +126,13 @@ class UpstreamClient:
         )
         old, self.current = (
             self.current,
-            Generation(identity, target, pool, dt.datetime.now(dt.UTC)),
+            Generation(
+                identity,
+                target,
+                pool,
+                dt.datetime.now(dt.UTC),
+                UpstreamSession(target.upstream, self.route.session),
+            ),
         )
         if old is not None:
             self._retire(old.pool)

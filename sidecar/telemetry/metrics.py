@@ -56,6 +56,18 @@ class SidecarMetrics:
         self.in_flight = Gauge(
             "sidecar_requests_in_flight", "Requests being forwarded now", ["route"], registry=r
         )
+        self.sessions = Counter(
+            "sidecar_upstream_sessions", "Sessions the upstream opened (new session cookies "
+            "kept for clients that send none)", ["route"], registry=r,
+        )  # fmt: skip
+        self.csrf_fetches = Counter(
+            "sidecar_csrf_fetches", "CSRF tokens fetched for writes that carried none",
+            ["route"], registry=r,
+        )  # fmt: skip
+        self.throttled = Counter(
+            "sidecar_upstream_throttled", "429 and 503 answers with Retry-After, passed through",
+            ["route"], registry=r,
+        )  # fmt: skip
         self.upstream_connections = Gauge(
             "sidecar_upstream_connections", "Open upstream connections (idle and busy)",
             ["route"], registry=r,
@@ -82,6 +94,9 @@ class RouteStats:
     metrics: SidecarMetrics
     requests: int = 0
     upstream_errors: int = 0
+    sessions: int = 0
+    csrf_fetches: int = 0
+    throttled: int = 0
     last_upstream_error: LastEvent | None = None
     last_reload: dict[str, str | None] = field(default_factory=dict)
 
@@ -93,6 +108,9 @@ class RouteStats:
         self._duration_child = m.duration.labels(self.name)
         for result in ("success", "failure"):
             m.reloads.labels(self.name, result)  # show zeroes from the start
+        self._sessions = m.sessions.labels(self.name)
+        self._csrf_fetches = m.csrf_fetches.labels(self.name)
+        self._throttled = m.throttled.labels(self.name)
 
     def started(self) -> float:
         self.in_flight += 1
@@ -114,6 +132,18 @@ class RouteStats:
         self.upstream_errors += 1
         self.last_upstream_error = LastEvent(_now(), message)
         self.metrics.upstream_errors.labels(self.name, kind).inc()
+
+    def session_opened(self) -> None:
+        self.sessions += 1
+        self._sessions.inc()
+
+    def csrf_fetched(self) -> None:
+        self.csrf_fetches += 1
+        self._csrf_fetches.inc()
+
+    def upstream_throttled(self) -> None:
+        self.throttled += 1
+        self._throttled.inc()
 
     def reloaded(self, ok: bool, message: str | None, not_after: dt.datetime | None) -> None:
         self.metrics.reloads.labels(self.name, "success" if ok else "failure").inc()

@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.config import InboundConfig
-from tests.conftest import Running, route_config
+from tests.conftest import NO_CSRF, Running, route_config
 from tests.support.raw_http import assert_raw_error, raw, read_response
 from tests.support.upstreams import (
     COOKIES,
@@ -568,7 +568,7 @@ async def test_a_client_leaving_mid_download_does_not_disturb_the_next(serve, cl
 
 
 async def test_200_concurrent_requests_each_get_their_own_answer(serve, client):
-    s = await serve()
+    s = await serve(session=NO_CSRF)
 
     async def one(i: int) -> None:
         rid = f"req-{i}-{uuid.uuid4().hex}"

@@ -42,7 +42,7 @@ import pytest
 from aiohttp import http_parser, web, web_protocol
 
 from sidecar.config import LimitsConfig
-from tests.conftest import route_config
+from tests.conftest import NO_CSRF, route_config
 from tests.support.raw_http import RawResponse, assert_raw_error, raw, read_response
 from tests.support.upstreams import FakeUpstream
 
@@ -393,7 +393,10 @@ async def battery(
     async def start(limits: LimitsConfig) -> Battery:
         fake = RecordingUpstream()
         url = await tls_upstream(fake.app())
-        running = await start_sidecar(route_config(url, bundle_file, ca_file, limits=limits))
+        # what reaches the upstream is checked: no CSRF token fetch in between
+        running = await start_sidecar(
+            route_config(url, bundle_file, ca_file, limits=limits, session=NO_CSRF)
+        )
         port = int(running.url.rsplit(":", 1)[1])
         return Battery(fake, port)
 

@@ -35,7 +35,7 @@ import sidecar.forward.pool
 from sidecar.config import InboundConfig, LimitsConfig, Timeouts
 from sidecar.forward.failures import ERROR_CODES, Failure, classify
 from sidecar.forward.pool import connection_key
-from tests.conftest import PKI, free_port, load_chain, route_config
+from tests.conftest import NO_CSRF, PKI, free_port, load_chain, route_config
 from tests.support.answers import DESIGN_TABLE, assert_sidecar_error, fetch, raw_exchange
 from tests.support.tls_servers import (
     AlertLosingServer,
@@ -160,7 +160,9 @@ async def test_a_reset_of_a_reused_connection_is_not_a_rejection(
     ctx = server_context(pki)
     ctx.num_tickets = 0
     with TLSServer(ctx, answer_then_reset) as upstream:
-        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        running = await start_sidecar(
+            route_config(upstream.url, bundle_file, ca_file, session=NO_CSRF)
+        )
         first = await fetch(running.url + "/first")
         second = await fetch(running.url + "/second", "POST", data=b"not repeated")
     assert (first.status, first.body) == (200, b"ok")
@@ -739,7 +741,9 @@ async def test_request_whose_body_went_out_is_not_retried(
     pki: PKI, bundle_file: Path, ca_file: Path, start_sidecar: Any, method: str
 ) -> None:
     with TLSServer(server_context(pki), close_without_answer) as upstream:
-        running = await start_sidecar(route_config(upstream.url, bundle_file, ca_file))
+        running = await start_sidecar(
+            route_config(upstream.url, bundle_file, ca_file, session=NO_CSRF)
+        )
         answer = await fetch(running.url + "/odata/v2/upsert", method, data=b"x" * 10_000)
     assert len(upstream.requests) == 1, upstream.requests
     assert upstream.connections == 1
