@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,9 +29,37 @@ def test_collection_and_environment_are_valid_json():
         "Next page via __next",
         "User by id",
         "$metadata",
+        "Create, update, delete",
     ]
+    writes = collection["item"][-1]["item"]
+    assert [item["name"] for item in writes] == [
+        "Create a user",
+        "Update it (MERGE)",
+        "Read the change",
+        "Delete it",
+        "Gone (404)",
+    ]
+    assert [item["request"]["method"] for item in writes] == [
+        "POST",
+        "MERGE",
+        "GET",
+        "DELETE",
+        "GET",
+    ]
+    # No token or cookie handling of its own: the sidecar supplies both.
+    text = json.dumps(writes).lower()
+    assert "csrf" not in text and "cookie" not in text
     values = {v["key"]: v["value"] for v in environment["values"]}
     assert values["baseUrl"] == "http://127.0.0.1:8080"
+
+
+def requests_in(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The requests of a collection, inside folders too."""
+    for item in items:
+        if "item" in item:
+            yield from requests_in(item["item"])
+        else:
+            yield item
 
 
 def test_the_scripts_use_no_deprecated_postman_api():
@@ -38,7 +68,7 @@ def test_the_scripts_use_no_deprecated_postman_api():
     collection = json.loads((POSTMAN / "sidecar.postman_collection.json").read_text())
     lines = [
         line
-        for item in collection["item"]
+        for item in requests_in(collection["item"])
         for event in item.get("event", [])
         for line in event["script"]["exec"]
     ]
@@ -69,9 +99,11 @@ async def test_newman_runs_the_collection_against_the_demo(newman: str, tmp_path
     assert proc.returncode == 0, text
     stats = json.loads(report.read_text())["run"]["stats"]
     assert stats["assertions"]["failed"] == 0, text
-    # ready, first page, two more pages through __next (45 users, 20 a page), by id, metadata
-    assert stats["requests"]["total"] == 6, text
-    assert stats["assertions"]["total"] == 6, text
+    # ready, first page, two more pages through __next (45 users, 20 a page), by id, metadata;
+    # then create, MERGE, read, delete, read (404): the sidecar keeps the session and the token.
+    assert stats["requests"]["total"] == 11, text
+    assert stats["assertions"]["total"] == 11, text
+    assert upstream.state.sessions_opened == 1, text
 
 
 @pytest.mark.parametrize(

@@ -27,12 +27,13 @@ from sidecar.config import (
     TLSConfig,
     UpstreamURL,
 )
-from sidecar.demo.fake_sf import fake_successfactors_app
+from sidecar.demo.fake_sf import FakeSuccessFactors, fake_successfactors_app
 from sidecar.demo.pki import DemoPKI, write_demo_pki
 from sidecar.forward.listener import bound_port
 from sidecar.server import Sidecar
 
 DEMO_COMPANY_ID = "DEMO1234"
+NEW_USER = '{"userId": "demo1", "firstName": "Hedy", "lastName": "Lamarr"}'
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class FakeUpstream:
     url: str
     port: int
     pki: DemoPKI
+    state: FakeSuccessFactors  # sessions opened, requests seen, users; expire_tokens()
 
 
 def server_context(pki: DemoPKI) -> ssl.SSLContext:
@@ -57,13 +59,14 @@ async def fake_successfactors(
 ) -> AsyncIterator[FakeUpstream]:
     """Serve the fake SuccessFactors API on 127.0.0.1 with a PKI made in ``directory``."""
     pki = write_demo_pki(directory)
-    runner = web.AppRunner(fake_successfactors_app(company_id=company_id, users=users))
+    state = FakeSuccessFactors(users=users)
+    runner = web.AppRunner(fake_successfactors_app(company_id=company_id, state=state))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki))
     await site.start()
     port = bound_port(site)
     try:
-        yield FakeUpstream(url=f"https://localhost:{port}", port=port, pki=pki)
+        yield FakeUpstream(url=f"https://localhost:{port}", port=port, pki=pki, state=state)
     finally:
         await runner.cleanup()
 
@@ -99,11 +102,20 @@ async def run_demo(port: int, say: Callable[[str], None]) -> None:
                 f"  curl '{local}/odata/v2/User'            # 20 per page, follow __next\n"
                 f"  curl '{local}/odata/v2/$metadata'\n"
                 f"  curl '{local}/-/ready'\n\n"
+                "Create a user with a POST: no CSRF token, no cookie (the sidecar keeps both):\n"
+                f"  curl '{local}/odata/v2/User' -H 'Content-Type: application/json' \\\n"
+                f"       -d '{NEW_USER}'\n"
+                f"  curl \"{local}/odata/v2/User('demo1')\"\n"
+                f"  curl '{local}/fake/sessions'          # login sessions the fake opened\n\n"
                 "Press Ctrl-C to stop."
             )
             try:
                 await sidecar.wait()
             finally:
                 await sidecar.close()
+                say(
+                    f"The fake SuccessFactors opened {upstream.state.sessions_opened} "
+                    f"session(s) for {upstream.state.requests_served} request(s)."
+                )
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -82,6 +83,21 @@ async def test_metadata_and_one_user_through_the_sidecar(demo: Demo) -> None:
         assert user["d"]["userId"] == "u0007"
         async with session.get(demo.url + "/-/ready") as resp:
             assert resp.status == 200
+
+
+async def test_a_plain_post_through_the_demo_creates_a_user(demo: Demo) -> None:
+    # curl's way: no cookie kept, no CSRF token fetched. The sidecar keeps the
+    # SuccessFactors session and supplies the token the write needs.
+    new = {"userId": "demo1", "firstName": "Hedy", "lastName": "Lamarr"}
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        async with session.post(demo.url + "/odata/v2/User", json=new) as resp:
+            assert resp.status == 201, await resp.text()
+            created = (await resp.json())["d"]
+        assert created["__metadata"]["uri"] == demo.url + "/odata/v2/User('demo1')"
+        user = await get_json(session, demo.url + "/odata/v2/User('demo1')")
+        assert user["d"]["lastName"] == "Lamarr"
+        sessions = await get_json(session, demo.url + "/fake/sessions")
+    assert sessions["sessions_opened"] == demo.upstream.state.sessions_opened == 1
 
 
 async def test_fake_without_the_company_id_answers_authentication_failed(demo: Demo) -> None:
@@ -173,12 +189,18 @@ def test_demo_command_serves_users_and_stops_on_sigint(tmp_path: Path) -> None:
         t.start()
     try:
         assert banner.wait(START_TIMEOUT), "".join(out + err)
-        assert any(f"curl 'http://127.0.0.1:{port}/odata/v2/User" in line for line in out)
+        banner_text = "".join(out)
+        assert f"curl 'http://127.0.0.1:{port}/odata/v2/User" in banner_text
+        assert f"curl 'http://127.0.0.1:{port}/odata/v2/User' -H 'Content-Type: appl" in banner_text
+        assert f"curl 'http://127.0.0.1:{port}/fake/sessions'" in banner_text
         url = f"http://127.0.0.1:{port}/odata/v2/User?$top=3"
         with urllib.request.urlopen(url, timeout=15) as resp:
             assert resp.status == 200
             users = json.load(resp)["d"]["results"]
         assert [u["userId"] for u in users] == ["u0001", "u0002", "u0003"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fake/sessions", timeout=15) as resp:
+            counts = json.load(resp)
+        assert counts["requests"] >= 1 and counts["sessions_opened"] >= 1, counts
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0, "".join(out + err)
@@ -192,3 +214,8 @@ def test_demo_command_serves_users_and_stops_on_sigint(tmp_path: Path) -> None:
         proc.stdout.close()
         proc.stderr.close()
     assert "Traceback" not in "".join(out + err)
+    closing = re.search(
+        r"The fake SuccessFactors opened (\d+) session\(s\) for (\d+) request", out[-1]
+    )
+    assert closing is not None, out[-3:]
+    assert 1 <= int(closing[1]) <= int(closing[2]), closing[0]
