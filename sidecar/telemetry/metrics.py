@@ -49,6 +49,11 @@ class SidecarMetrics:
             "sidecar_client_cert_not_after_seconds",
             "Expiry of the loaded client certificate (Unix time)", ["route"], registry=r,
         )  # fmt: skip
+        self.pending = Gauge(
+            "sidecar_client_cert_pending",
+            "1 while a renewed client certificate is held back (the upstream refused it, "
+            "or it could not be tested yet)", ["route"], registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "sidecar_credential_reloads", "Credential loads, by result",
             ["route", "result"], registry=r,
@@ -108,6 +113,8 @@ class RouteStats:
         self._duration_child = m.duration.labels(self.name)
         for result in ("success", "failure"):
             m.reloads.labels(self.name, result)  # show zeroes from the start
+        self._pending = m.pending.labels(self.name)
+        self._pending.set(0)
         self._sessions = m.sessions.labels(self.name)
         self._csrf_fetches = m.csrf_fetches.labels(self.name)
         self._throttled = m.throttled.labels(self.name)
@@ -132,6 +139,9 @@ class RouteStats:
         self.upstream_errors += 1
         self.last_upstream_error = LastEvent(_now(), message)
         self.metrics.upstream_errors.labels(self.name, kind).inc()
+
+    def set_pending(self, pending: bool) -> None:
+        self._pending.set(1 if pending else 0)
 
     def session_opened(self) -> None:
         self.sessions += 1
