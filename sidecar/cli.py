@@ -220,9 +220,12 @@ def _route_identity(route: RouteConfig, index: int, candidate: Path | None) -> L
         return asyncio.run(_load_once(source))
     click.echo(f"  credentials:  candidate {candidate} (instead of the route's)")
     creds = route.credentials
-    identity = read_cli_bundle(candidate, None, creds.password_env, creds.password_file).identity(
-        warn_before=creds.warn_before
+    where = f"routes[{index}].credentials"
+    labels = (f"{where}.password_env", f"{where}.password_file")
+    bundle = read_cli_bundle(
+        candidate, None, creds.password_env, creds.password_file, labels=labels
     )
+    identity = bundle.identity(warn_before=creds.warn_before)
     if creds.destination is None:
         return Loaded(identity)
     return dataclasses.replace(asyncio.run(_load_once(source_for(route, index))), identity=identity)
