@@ -115,8 +115,9 @@ def _time_axis(slots: int) -> str:
         i = slots - ago * 60 / BUCKET
         x = _x(max(i - 1, 0), slots) if ago else _x(slots - 1, slots)
         text = "now" if ago == 0 else f"-{ago} min"
+        anchor = "end" if ago == 0 else "middle"
         out.append(
-            f'<text x="{x}" y="{HEIGHT - 4}" class="axis" text-anchor="middle">{text}</text>'
+            f'<text x="{x}" y="{HEIGHT - 4}" class="axis" text-anchor="{anchor}">{text}</text>'
         )
     return "".join(out)
 

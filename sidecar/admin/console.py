@@ -265,6 +265,7 @@ h2{font-size:17px;margin:4px 0 8px}h3{font-size:15px;margin:14px 0 6px}
 dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 16px;margin:4px 0}
 dt{color:#555}dd{margin:0;word-break:break-all}
 .ok{color:#2e7d32}.warn{color:#b26a00;font-weight:600}.bad{color:#c62828;font-weight:600}
+.badge.ok,.badge.bad{color:#fff;font-weight:600}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:left;padding:3px 6px;border-bottom:1px solid #eceff1;vertical-align:top}
 th{color:#555;font-weight:600}.mono{font-family:ui-monospace,Menlo,Consolas,monospace}
