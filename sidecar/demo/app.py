@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from sidecar.config import (
     Config,
@@ -60,6 +62,8 @@ async def fake_successfactors(
     """Serve the fake SuccessFactors API on 127.0.0.1 with a PKI made in ``directory``."""
     pki = write_demo_pki(directory)
     state = FakeSuccessFactors(users=users)
+    client = x509.load_pem_x509_certificate(pki.client_chain.read_bytes())
+    state.map_certificate(client.public_bytes(Encoding.DER))  # as done in Security Center
     runner = web.AppRunner(fake_successfactors_app(company_id=company_id, state=state))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki))
