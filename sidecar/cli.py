@@ -11,6 +11,7 @@ one line on stderr, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -28,11 +29,19 @@ from sidecar.commands.common import (
     F,
     fail,
     handle_errors,
+    read_cli_bundle,
     warn,
     write_file,
 )
 from sidecar.commands.destination import destination
-from sidecar.config import Config, LogConfig, RouteFlags, find_config_file, load_config
+from sidecar.config import (
+    Config,
+    LogConfig,
+    RouteConfig,
+    RouteFlags,
+    find_config_file,
+    load_config,
+)
 from sidecar.credentials.certinfo import identity_summary
 from sidecar.credentials.identity import client_ssl_context
 from sidecar.credentials.sources import CredentialSource, Loaded
@@ -98,9 +107,17 @@ def main() -> None:
 @main.command()
 @route_options
 @click.option("--probe", is_flag=True, help="Also make a real mTLS request to the upstream.")
+@click.option(
+    "--candidate", type=click.Path(path_type=Path), metavar="FILE",
+    help="With --probe: test this bundle (PEM or PKCS#12; the route's password settings) "
+    "instead of the route's certificate, switching nothing. Exit 0 accepted, 1 not, "
+    "2 unreadable.",
+)  # fmt: skip
 @handle_errors
-def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
+def check(config_file: str | None, probe: bool, candidate: Path | None, **flag_values: Any) -> None:
     """Load the config and every credential, print a summary, and exit."""
+    if candidate is not None and not probe:
+        raise UsageError("--candidate goes with --probe", hint="check --probe --candidate FILE")
     config = _load(config_file, flag_values)
     failed = rejected = 0
     for i, route in enumerate(config.routes):
@@ -109,9 +126,7 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
         click.echo(f"  company id:   {route.company_id or '(none)'}")
         try:
             server.inbound_token(i, route, os.environ)
-            source = source_for(route, i)
-            click.echo(f"  credentials:  {source.description}")
-            loaded = asyncio.run(_load_once(source))
+            loaded = _route_identity(route, i, candidate)
             identity = loaded.identity
             ctx = client_ssl_context(identity, ca_file=route.tls.ca_file)
             target = route_target(route, loaded, f"routes[{i}]")  # as `run` applies it
@@ -132,7 +147,11 @@ def check(config_file: str | None, probe: bool, **flag_values: Any) -> None:
             result = asyncio.run(run_probe(route, ctx, target))
             click.echo(f"  probe:        handshake {result.handshake}; HTTP status "
                        f"{result.status if result.status is not None else '-'}")  # fmt: skip
-            verdict = "ACCEPTED" if result.accepted else "NOT ACCEPTED"
+            verdict = {
+                "accepted": "ACCEPTED",
+                "rejected": "NOT ACCEPTED",
+                "inconclusive": "NOT ACCEPTED (could not be tested)",
+            }[result.verdict]
             click.echo(f"  certificate:  {verdict}: {result.message}")
             rejected += not result.accepted
     if failed:
@@ -190,6 +209,26 @@ def healthcheck(url: str, timeout: float) -> None:
     if status != 200:
         fail(f"{url}: not ready (HTTP {status})", EXIT_RUNTIME)
     click.echo(f"{url}: ready")
+
+
+def _route_identity(route: RouteConfig, index: int, candidate: Path | None) -> Loaded:
+    """The route's credentials as `run` loads them, or the ``candidate`` bundle in their
+    place (a destination still supplies the URL and headers)."""
+    if candidate is None:
+        source = source_for(route, index)
+        click.echo(f"  credentials:  {source.description}")
+        return asyncio.run(_load_once(source))
+    click.echo(f"  credentials:  candidate {candidate} (instead of the route's)")
+    creds = route.credentials
+    where = f"routes[{index}].credentials"
+    labels = (f"{where}.password_env", f"{where}.password_file")
+    bundle = read_cli_bundle(
+        candidate, None, creds.password_env, creds.password_file, labels=labels
+    )
+    identity = bundle.identity(warn_before=creds.warn_before)
+    if creds.destination is None:
+        return Loaded(identity)
+    return dataclasses.replace(asyncio.run(_load_once(source_for(route, index))), identity=identity)
 
 
 async def _load_once(source: CredentialSource) -> Loaded:

@@ -5,6 +5,13 @@ current identity and pool), its counters and its last error; `readiness` and
 `route_status` read it for ``/-/ready`` and ``/-/status``. Living here rather
 than in the server, it lets admin read a route without importing the server.
 
+A renewed certificate reaches `RouteRuntime.offer`: with
+``credentials.probe_before_switch`` it is first tried in one request of its own
+(`sidecar.forward.probe`); refused while the current one is still valid, it is
+held back as `Pending` and tried again every `pending_retry` seconds, switching
+by itself once accepted. A probe that cannot tell (the upstream unreachable)
+never switches and never calls the certificate refused.
+
 Choosing a route's credential source (`source_for`) lives here too, above
 ``sidecar.credentials``, so that the sources' protocol does not import the
 Destination Service source that implements it.
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,16 +31,48 @@ from aiohttp import web
 
 from sidecar.config import RouteConfig
 from sidecar.credentials.certinfo import identity_summary
+from sidecar.credentials.identity import client_ssl_context
 from sidecar.credentials.sources import CredentialSource, FileSource, Loaded
 from sidecar.errors import SidecarError
 from sidecar.forward.handler import RouteProxy
 from sidecar.forward.listener import bound_port
-from sidecar.forward.upstream import UpstreamClient, route_target
+from sidecar.forward.probe import ProbeResult, probe
+from sidecar.forward.upstream import Target, UpstreamClient, route_target
 from sidecar.telemetry.metrics import RouteStats
 
 log = logging.getLogger("sidecar")
 
 EXPIRY_WARNING_EVERY = 86400.0
+PENDING_RETRY = 60.0  # seconds between probes of a held-back renewed certificate
+PROBE_TIMEOUT = 10.0  # seconds for each step of that probe (connect, read)
+
+
+@dataclass
+class Pending:
+    """A renewed identity held back because the upstream refused it (or could not tell)."""
+
+    loaded: Loaded
+    target: Target
+    since: str  # ISO time it was first held back
+    result: ProbeResult  # the last probe's
+    probed_at: str
+    next_probe: float  # time.monotonic() of the next probe
+
+    def status(self) -> dict[str, object]:
+        summary = identity_summary(self.loaded.identity)
+        return {
+            "subject": summary["subject"],
+            "issuer": summary["issuer"],
+            "not_after": summary["not_after"],
+            "sha256": summary["sha256"],
+            "since": self.since,
+            "last_probe": {
+                "at": self.probed_at,
+                "result": self.result.verdict,
+                "message": self.result.message,
+            },
+            "next_probe_in_seconds": max(0, round(self.next_probe - time.monotonic())),
+        }
 
 
 @dataclass
@@ -51,6 +91,8 @@ class RouteRuntime:
     # Set by every SIGHUP, cleared as a reload starts: a SIGHUP during a reload asks for
     # another one, so each signal is followed by a load that began after it.
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    pending: Pending | None = None
+    pending_retry: float = PENDING_RETRY
     _last_expiry_warning: float = 0.0
 
     @property
@@ -64,8 +106,11 @@ class RouteRuntime:
         port = bound_port(self.site) if self.site is not None else self.route.listen.port
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def apply(self, loaded: Loaded, *, quiet: bool = False) -> None:
-        """Validate the target, then swap the new identity in."""
+    def apply(
+        self, loaded: Loaded, *, quiet: bool = False, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """Validate the target, then swap the new identity in (``ssl_context``: its
+        context when the probe built it already; the key is loaded once)."""
         target = route_target(self.route, loaded, self.where)
         current = self.client.current
         if (
@@ -79,7 +124,7 @@ class RouteRuntime:
             self.stats.reloaded(True, None, current.identity.leaf.not_valid_after_utc)
             log.debug("route %s: credentials reloaded, unchanged", self.route.name)
             return
-        self.client.install(loaded.identity, target)
+        self.client.install(loaded.identity, target, ssl_context)
         self.last_error = None
         self.retry_soon = False
         leaf = loaded.identity.leaf
@@ -110,15 +155,115 @@ class RouteRuntime:
         log.error("route %s: loading credentials failed (%s): %s", self.route.name, keeping, exc)
 
     async def reload(self) -> bool:
-        """Load again now; True when a new identity is in place."""
+        """Load again now and offer the result; False when loading failed."""
         try:
             loaded = await self.source.load()
             if loaded is not None:
-                self.apply(loaded)
+                await self.offer(loaded)
             return True
         except SidecarError as exc:
             self.failed(exc)
             return False
+
+    async def offer(self, loaded: Loaded) -> None:
+        """A reload's identity: switch to it, unless it is a renewal the upstream refuses.
+
+        Probed first when ``probe_before_switch`` is on, a current identity exists
+        and the certificate changed (new headers alone switch at once). Refused or
+        untested (the upstream unreachable) while the current one is still valid: held
+        back as pending. With the current one expired there is nothing to lose: the
+        new one is used whatever the probe said, and a refusal is reported.
+        """
+        target = route_target(self.route, loaded, self.where)
+        current = self.client.current
+        if (
+            current is None
+            or not self.route.credentials.probe_before_switch
+            or current.identity.chain == loaded.identity.chain
+        ):
+            self._settle(None)
+            self.apply(loaded)
+            return
+        context = client_ssl_context(loaded.identity, ca_file=self.route.tls.ca_file)
+        result = await probe(self.route, context, target, timeout=PROBE_TIMEOUT)
+        if result.accepted:
+            self._settle(None)
+            log.info("route %s: the upstream accepted the renewed client certificate (%s)",
+                     self.route.name, result.message)  # fmt: skip
+            self.apply(loaded, ssl_context=context)  # its resumable TLS session too
+            return
+        if readiness(self) is not None:  # the current one expired meanwhile
+            self._settle(None)
+            log.error(
+                "route %s: the renewed client certificate is used although %s: %s; the current "
+                "one can no longer serve. Upload its public chain (mtls-sidecar cert "
+                "export-public) to the X.509 certificate mapping in SuccessFactors",
+                self.route.name,
+                "the upstream refused it" if result.verdict == "rejected" else "it is untested",
+                result.message,
+            )
+            self.apply(loaded, ssl_context=context)
+            return
+        self._hold(loaded, target, result)
+
+    def _hold(self, loaded: Loaded, target: Target, result: ProbeResult) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        before = self.pending
+        same = before is not None and before.loaded.identity.chain == loaded.identity.chain
+        self._settle(
+            Pending(
+                loaded=loaded,
+                target=target,
+                since=before.since if before is not None and same else now,
+                result=result,
+                probed_at=now,
+                next_probe=time.monotonic() + self.pending_retry,
+            )
+        )
+        self.last_error = None  # the load itself succeeded
+        self.retry_soon = False
+        self.stats.reloaded(True, None, None)
+        if same and before is not None and before.result.verdict == result.verdict:
+            log.debug("route %s: the renewed client certificate is still pending: %s",
+                      self.route.name, result.message)  # fmt: skip
+            return
+        leaf = loaded.identity.leaf
+        current = self.client.current
+        assert current is not None
+        what = (
+            f"the renewed client certificate ({leaf.subject.rfc4514_string()}, expires "
+            f"{leaf.not_valid_after_utc.date()}) "
+        )
+        if result.verdict == "rejected":
+            log.warning(
+                "route %s: %swas refused by the upstream: %s. Keeping the current one (expires "
+                "%s). Upload the new certificate's public chain (mtls-sidecar cert export-public "
+                "FILE) to the X.509 certificate mapping in SuccessFactors Security Center; the "
+                "sidecar tries it again every %gs and switches by itself once it is accepted",
+                self.route.name, what, result.message, current.not_after.date(),
+                self.pending_retry,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "route %s: %scould not be tested: %s. Keeping the current one; trying again "
+                "in %gs",
+                self.route.name, what, result.message, self.pending_retry,
+            )  # fmt: skip
+
+    def _settle(self, pending: Pending | None) -> None:
+        self.pending = pending
+        self.stats.set_pending(pending is not None)
+
+    def pending_due(self) -> float | None:
+        """Seconds until the pending identity's next probe (None: nothing pending)."""
+        if self.pending is None:
+            return None
+        return max(0.0, self.pending.next_probe - time.monotonic())
+
+    async def retry_pending(self) -> None:
+        """Probe the pending identity again (switching to it once accepted)."""
+        if self.pending is not None:
+            await self.offer(self.pending.loaded)
 
 
 def readiness(runtime: RouteRuntime, now: dt.datetime | None = None) -> str | None:
@@ -157,6 +302,7 @@ def route_status(rt: RouteRuntime) -> dict[str, object]:
     s = rt.stats
     entry["last_refresh"] = s.last_reload or None
     entry["counters"] = {"requests": s.requests, "upstream_errors": s.upstream_errors}
+    entry["pending"] = rt.pending.status() if rt.pending is not None else None
     # The upstream session: counts and ages (the current identity's), never a value.
     entry["session"] = {
         "reuse": rt.route.session.reuse,

@@ -165,6 +165,9 @@ class Sidecar:
             if rt.client.current is None or rt.retry_soon:
                 waiting = min(delay, BACKOFF_CAP) * random.uniform(0.5, 1.0)
                 delay = min(delay * 2, BACKOFF_CAP)
+            pending = rt.pending_due()
+            if pending is not None:
+                waiting = min(waiting, pending)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.reload_requested.wait(), timeout=waiting)
             forced = rt.reload_requested.is_set()
@@ -172,6 +175,8 @@ class Sidecar:
             if forced or rt.client.current is None or rt.retry_soon or await rt.source.changed():
                 if await rt.reload():
                     delay = BACKOFF_START
+            elif rt.pending_due() == 0.0:
+                await rt.retry_pending()  # a renewal the upstream refused: asked once more
             rt.warn_expiry()
 
     def reload_all(self) -> None:

@@ -9,35 +9,14 @@ from typing import Any
 import click
 from cryptography.hazmat.primitives import serialization
 
-from sidecar.commands.common import handle_errors, password_options, write_file
+from sidecar.commands.common import handle_errors, password_options, read_cli_bundle, write_file
 from sidecar.credentials.certinfo import bundle_report
-from sidecar.credentials.identity import Bundle, read_bundle, read_password
 from sidecar.errors import UsageError
 
 
 @click.group()
 def cert() -> None:
     """Inspect and export client-certificate bundles."""
-
-
-def _read_cli_bundle(
-    file: Path, key: Path | None, password_env: str | None, password_file: Path | None
-) -> Bundle:
-    if password_env and password_file:
-        raise UsageError("give --password-env or --password-file, not both")
-    password = read_password(
-        password_env=password_env,
-        password_file=password_file,
-        env_label="--password-env",
-        file_label="--password-file",
-    )
-    is_p12 = file.suffix.lower() in (".p12", ".pfx")
-    if is_p12 and key is not None:
-        raise UsageError("--key goes with a PEM bundle, not with PKCS#12")
-    return read_bundle(
-        pem=None if is_p12 else file, pkcs12_path=file if is_p12 else None, key=key,
-        password=password,
-    )  # fmt: skip
 
 
 @cert.command("inspect")
@@ -51,7 +30,7 @@ def cert_inspect(
     as_json: bool,
 ) -> None:  # fmt: skip
     """Show every certificate of a bundle and whether its key matches."""
-    bundle = _read_cli_bundle(file, key, password_env, password_file)
+    bundle = read_cli_bundle(file, key, password_env, password_file)
     report = bundle_report(bundle)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -107,7 +86,7 @@ def cert_export_public(
 
     This is the file to upload to the SuccessFactors X.509 certificate mapping.
     """
-    bundle = _read_cli_bundle(file, key, password_env, password_file)
+    bundle = read_cli_bundle(file, key, password_env, password_file)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle.chain)
     if output is None:
         click.echo(pem.decode(), nl=False)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from sidecar.credentials.identity import Bundle, read_bundle, read_password
 from sidecar.errors import SidecarError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +38,34 @@ def password_options(f: F) -> F:
                      help="File holding the password.")(f)  # fmt: skip
     f = click.option("--password-env", metavar="VAR", help="Variable holding the password.")(f)
     return f
+
+
+def read_cli_bundle(
+    file: Path,
+    key: Path | None,
+    password_env: str | None,
+    password_file: Path | None,
+    *,
+    labels: tuple[str, str] = ("--password-env", "--password-file"),
+) -> Bundle:
+    """A bundle named on the command line: PEM (+ ``key``) or PKCS#12 by its suffix.
+
+    ``labels`` name where the password settings came from, for messages."""
+    if password_env and password_file:
+        raise UsageError(f"give {labels[0]} or {labels[1]}, not both")
+    password = read_password(
+        password_env=password_env,
+        password_file=password_file,
+        env_label=labels[0],
+        file_label=labels[1],
+    )
+    is_p12 = file.suffix.lower() in (".p12", ".pfx")
+    if is_p12 and key is not None:
+        raise UsageError("--key goes with a PEM bundle, not with PKCS#12")
+    return read_bundle(
+        pem=None if is_p12 else file, pkcs12_path=file if is_p12 else None, key=key,
+        password=password,
+    )  # fmt: skip
 
 
 def handle_errors(f: F) -> F:

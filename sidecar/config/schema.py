@@ -48,6 +48,10 @@ class CredentialsConfig:
     password_file: Path | None = None
     destination: DestinationRef | None = None
     warn_before: float = 30 * 86400
+    # A renewed certificate is used only once the upstream accepts it (one probe request
+    # to probe_path first); while refused, the current one stays and the new one is pending.
+    probe_before_switch: bool = True
+    probe_path: str = "/odata/v2/"
 
     @property
     def kind(self) -> CredentialKind:

@@ -39,7 +39,7 @@ from sidecar.config.values import (
     parse_upstream,
 )
 from sidecar.errors import ConfigError
-from sidecar.http_rules import header_problem
+from sidecar.http_rules import has_control, header_problem
 
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -314,6 +314,7 @@ class Reader:
     def credentials(self, path: str, v: Raw | None, route: Raw) -> CredentialsConfig:
         keys = (
             "pem", "key", "pkcs12", "password_env", "password_file", "destination", "warn_before",
+            "probe_before_switch", "probe_path",
         )  # fmt: skip
         if v is None or v.value is None:
             raise self.fail(
@@ -348,7 +349,22 @@ class Reader:
             password_file=pw_file,
             destination=self.destination(f"{path}.destination", m.get("destination")),
             warn_before=self.duration(f"{path}.warn_before", m.get("warn_before"), 30 * 86400),
+            probe_before_switch=self.boolean(
+                f"{path}.probe_before_switch", m.get("probe_before_switch"), True
+            ),
+            probe_path=self.probe_path(f"{path}.probe_path", m.get("probe_path")),
         )
+
+    def probe_path(self, path: str, v: Raw | None) -> str:
+        value = self.string(path, v) or "/odata/v2/"
+        if not value.startswith("/") or any(c in value for c in " #\\") or has_control(value):
+            raise self.fail(
+                path,
+                v,
+                f"{value!r} is not a request path",
+                "give a path on the upstream that starts with /, e.g. /odata/v2/",
+            )
+        return value
 
     def destination(self, path: str, v: Raw | None) -> DestinationRef | None:
         if v is None or not v.value:

@@ -72,13 +72,14 @@ def route_pool(
     target: Target,
     ssl_context: ssl.SSLContext,
     *,
+    connect_timeout: float | None = None,
     read_timeout: float | None = None,
     limit: int | None = None,
     keepalive: float = KEEPALIVE,
 ) -> ConnectionPool:
     """A pool to ``target``'s upstream with the route's TLS name, timeouts and limits.
 
-    ``read_timeout`` defaults to the route's ``timeouts.read``, ``limit`` to its
+    The timeouts default to the route's ``timeouts``, ``limit`` to its
     ``limits.upstream_connections``.
     """
     return ConnectionPool(
@@ -86,7 +87,7 @@ def route_pool(
         target.upstream.port,
         ssl_context,
         server_hostname=route.tls.server_name,
-        connect_timeout=route.timeouts.connect,
+        connect_timeout=route.timeouts.connect if connect_timeout is None else connect_timeout,
         read_timeout=route.timeouts.read if read_timeout is None else read_timeout,
         limit=route.limits.upstream_connections if limit is None else limit,
         keepalive=keepalive,
@@ -119,11 +120,14 @@ class UpstreamClient:
         self.current: Generation | None = None
         self._retiring: set[ConnectionPool] = set()
 
-    def install(self, identity: ClientIdentity, target: Target) -> Generation:
-        """Start presenting ``identity``; the previous pool retires gracefully."""
-        pool = route_pool(
-            self.route, target, client_ssl_context(identity, ca_file=self.route.tls.ca_file)
-        )
+    def install(
+        self, identity: ClientIdentity, target: Target, ssl_context: ssl.SSLContext | None = None
+    ) -> Generation:
+        """Start presenting ``identity`` (``ssl_context``: its context, if built already);
+        the previous pool retires gracefully."""
+        if ssl_context is None:
+            ssl_context = client_ssl_context(identity, ca_file=self.route.tls.ca_file)
+        pool = route_pool(self.route, target, ssl_context)
         old, self.current = (
             self.current,
             Generation(

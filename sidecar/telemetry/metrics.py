@@ -21,6 +21,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from sidecar.telemetry.recent import Entry, RequestLog, Traffic
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "MERGE"})
@@ -49,6 +51,11 @@ class SidecarMetrics:
             "sidecar_client_cert_not_after_seconds",
             "Expiry of the loaded client certificate (Unix time)", ["route"], registry=r,
         )  # fmt: skip
+        self.pending = Gauge(
+            "sidecar_client_cert_pending",
+            "1 while a renewed client certificate is held back (the upstream refused it, "
+            "or it could not be tested yet)", ["route"], registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "sidecar_credential_reloads", "Credential loads, by result",
             ["route", "result"], registry=r,
@@ -72,6 +79,10 @@ class SidecarMetrics:
             "sidecar_upstream_connections", "Open upstream connections (idle and busy)",
             ["route"], registry=r,
         )  # fmt: skip
+
+        # What the console shows: the last requests and 15 minutes of traffic, all routes.
+        self.recent = RequestLog()
+        self.traffic = Traffic()
 
     def route(self, name: str) -> RouteStats:
         return RouteStats(name, self)
@@ -108,6 +119,8 @@ class RouteStats:
         self._duration_child = m.duration.labels(self.name)
         for result in ("success", "failure"):
             m.reloads.labels(self.name, result)  # show zeroes from the start
+        self._pending = m.pending.labels(self.name)
+        self._pending.set(0)
         self._sessions = m.sessions.labels(self.name)
         self._csrf_fetches = m.csrf_fetches.labels(self.name)
         self._throttled = m.throttled.labels(self.name)
@@ -116,7 +129,12 @@ class RouteStats:
         self.in_flight += 1
         return time.perf_counter()
 
-    def finished(self, method: str, status: int, started: float) -> None:
+    def recent(self, entry: Entry) -> None:
+        """The console's record of one request: the recent list and the traffic charts."""
+        self.metrics.recent.add(entry)
+        self.metrics.traffic.add(entry.status, entry.duration_ms / 1000, entry.at)
+
+    def finished(self, method: str, status: int, elapsed: float) -> None:
         self.in_flight -= 1
         self.requests += 1
         key = (method if method in _METHODS else "OTHER", status)
@@ -126,12 +144,15 @@ class RouteStats:
                 self.name, key[0], str(status)
             )
         counter.inc()
-        self._duration_child.observe(time.perf_counter() - started)
+        self._duration_child.observe(elapsed)
 
     def upstream_error(self, kind: str, message: str) -> None:
         self.upstream_errors += 1
         self.last_upstream_error = LastEvent(_now(), message)
         self.metrics.upstream_errors.labels(self.name, kind).inc()
+
+    def set_pending(self, pending: bool) -> None:
+        self._pending.set(1 if pending else 0)
 
     def session_opened(self) -> None:
         self.sessions += 1

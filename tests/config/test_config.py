@@ -117,6 +117,8 @@ routes:
         service_key: destination-service-key.json  # else VCAP_SERVICES, else $SERVICE_BINDING_ROOT
         refresh: 15m               # at least 1s
       warn_before: 30d             # log a warning when the leaf expires sooner
+      probe_before_switch: true    # a renewed certificate is used only once the upstream accepts it
+      probe_path: /odata/v2/       # what that probe requests (any answer but a rejection = accepted)
     session:
       reuse: true                  # keep the upstream's session cookies for clients that send none
       csrf: true                   # fetch, cache and send X-CSRF-Token on writes that carry none
@@ -266,6 +268,22 @@ def test_design_example_with_one_source_parses() -> None:
     assert r.tls == TLSConfig()
     assert r.timeouts == Timeouts(connect=10, read=300, shutdown=10)
     assert r.session == SessionConfig(reuse=True, csrf=True)
+
+
+def test_probe_before_switch_and_probe_path() -> None:
+    (r,) = parse(MINIMAL).routes
+    assert r.credentials.probe_before_switch is True
+    assert r.credentials.probe_path == "/odata/v2/"
+    text = route(credentials="pem: a.pem, probe_before_switch: no, probe_path: '/api/ping?x=1'")
+    (r,) = parse(text).routes
+    assert r.credentials.probe_before_switch is False
+    assert r.credentials.probe_path == "/api/ping?x=1"
+
+
+@pytest.mark.parametrize("value", ["odata/v2/", "/a b", "/a#b", "'/a\\b'", "https://h/x"])
+def test_probe_path_must_be_a_request_path(value: str) -> None:
+    text = route(credentials=f"pem: a.pem, probe_path: {value}")
+    expect_error(text, "routes[0].credentials.probe_path", 2, "is not a request path")
 
 
 def test_session_switches_parse() -> None:
