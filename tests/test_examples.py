@@ -199,7 +199,7 @@ def test_every_example_folder_has_a_readme_listed_in_the_index():
     index = (EXAMPLES / "README.md").read_text()
     for folder in folders:
         assert (EXAMPLES / folder / "README.md").is_file(), folder
-    for folder in FOLDERS:
+    for folder in folders:
         assert f"]({folder}/)" in index, folder
 
 
