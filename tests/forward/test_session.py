@@ -705,6 +705,45 @@ async def test_no_token_offered_writes_go_without_and_are_not_fetched_again(
     assert (await setup.session())["csrf_tokens"] == 0
 
 
+async def test_no_token_offered_and_writes_refused_fetches_not_for_each_write(
+    serve: Any, client: aiohttp.ClientSession
+) -> None:
+    setup = await serve()
+
+    async def no_token(request: web.Request) -> web.StreamResponse | None:
+        # Fetches answered without a token, writes refused for want of one.
+        if request.headers.get("X-CSRF-Token") == "Fetch":
+            return web.json_response({"d": {}})
+        return None
+
+    setup.sf.intercept = no_token
+    for i in range(5):
+        assert_csrf_refusal(await send(client, "POST", f"{setup.url}{USERS}", json=user(f"r{i}")))
+    assert len(setup.sf.writes()) == 5  # each once: no other token to send it with
+    assert len(setup.sf.fetches()) <= 2, setup.sf.fetches()
+
+
+async def test_a_failed_token_fetch_is_not_remembered(
+    serve: Any, client: aiohttp.ClientSession
+) -> None:
+    setup = await serve()
+    failures = 1
+
+    async def fails_once(request: web.Request) -> web.StreamResponse | None:
+        nonlocal failures
+        if request.headers.get("X-CSRF-Token") == "Fetch" and failures:
+            failures -= 1
+            return web.Response(status=503, text="try again")
+        return None
+
+    setup.sf.intercept = fails_once
+    # Refused without a token, then sent again with the one the next fetch brings.
+    assert (await send(client, "POST", f"{setup.url}{USERS}", json=user("o1"))).status == 201
+    assert [s.token is None for s in setup.sf.writes()] == [True, False]
+    assert (await send(client, "POST", f"{setup.url}{USERS}", json=user("o2"))).status == 201
+    assert len(setup.sf.fetches()) == 2
+
+
 async def test_a_stalled_body_being_kept_is_answered_408(serve: Any) -> None:
     setup = await serve(timeouts=Timeouts(read=0.5))
     answer = await raw_exchange(
@@ -922,3 +961,25 @@ async def test_no_token_offered_is_remembered_for_a_while(
     assert await s.token(ROOT, fetch) == "t1"
     assert fetch.calls == 2
     assert s.status()["csrf_token_age_seconds"] == 0
+
+
+async def test_no_token_offered_is_not_fetched_again_for_a_refused_write() -> None:
+    s, fetch = _session(), _Fetches(None, "t1")
+    fetch.release.set()
+    assert await s.token(ROOT, fetch) is None
+    assert await s.fresh_token(ROOT, None, fetch) is None  # no other token to resend with
+    assert fetch.calls == 1
+
+
+async def test_a_failed_fetch_is_not_remembered() -> None:
+    s = _session()
+    calls = 0
+
+    async def fails() -> str | None:
+        nonlocal calls
+        calls += 1
+        raise session_module.FetchFailed
+
+    assert await s.token(ROOT, fails) is None
+    assert await s.token(ROOT, fails) is None
+    assert calls == 2 and s.status()["csrf_tokens"] == 0
