@@ -137,10 +137,11 @@ class Setup:
 async def serve(
     tls_upstream: Any, start_sidecar: Any, ca_file: Path, bundle_file: Path
 ) -> Callable[..., Awaitable[Setup]]:
-    """``await serve(**route_overrides)`` → a sidecar in front of a fresh `SF`."""
+    """``await serve(*more_routes, sf=SF(...), **route_overrides)`` → a sidecar in front of
+    ``sf`` (a fresh `SF` by default)."""
 
-    async def start(*more: Any, **overrides: Any) -> Setup:
-        sf = SF()
+    async def start(*more: Any, sf: SF | None = None, **overrides: Any) -> Setup:
+        sf = sf if sf is not None else SF()
         upstream = await tls_upstream(sf.app())
         route = route_config(upstream, bundle_file, ca_file, **overrides)
         running = await start_sidecar(route, *more)
@@ -467,6 +468,26 @@ async def test_a_large_write_refused_for_csrf_is_answered_unchanged_and_sent_onc
     assert len(setup.sf.fetches()) == 1  # no token fetched for a write that is not resent
     # The next small write refreshes the token and goes through.
     assert (await send(client, "POST", f"{setup.url}{USERS}", json=user("l3"))).status == 201
+
+
+async def test_a_session_the_upstream_dropped_is_replaced_and_the_write_goes_through(
+    serve: Any, client: aiohttp.ClientSession
+) -> None:
+    # The fake keeps one session: another caller's login ends the sidecar's.
+    setup = await serve(sf=SF(FakeSuccessFactors(max_sessions=1)))
+    assert (await send(client, "POST", f"{setup.url}{USERS}", json=user("d1"))).status == 201
+    first = setup.sf.session_ids()[-1]
+    other = {"Authorization": "Basic b3RoZXI6eA=="}  # not the sidecar's session: its own
+    assert (await send(client, "GET", f"{setup.url}{ROOT}", headers=other)).status == 200
+    answer = await send(client, "POST", f"{setup.url}{USERS}", json=user("d2"))
+    assert answer.status == 201, answer
+    writes = setup.sf.writes()
+    assert len(writes) == 3  # d1; d2 in the dropped session (refused), then in the new one
+    new = _cookies(writes[2].cookie)["JSESSIONID"]
+    assert _cookies(writes[1].cookie)["JSESSIONID"] == first != new
+    assert setup.sf.state.sessions_opened == 3
+    status = await setup.session()
+    assert (status["sessions_opened"], status["csrf_fetches"]) == (2, 2)
 
 
 async def test_concurrent_writes_share_one_fetch_and_one_refresh(
