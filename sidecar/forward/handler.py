@@ -79,7 +79,13 @@ from sidecar.forward.rewrite import (
     rewritten_headers,
     should_rewrite,
 )
-from sidecar.forward.session import RETRY_BODY, WRITES, refuses_token, service_root
+from sidecar.forward.session import (
+    RETRY_BODY,
+    WRITES,
+    FetchFailed,
+    refuses_token,
+    service_root,
+)
 from sidecar.forward.upstream import Generation, Target, UpstreamClient
 from sidecar.http_rules import (
     CSRF_HEADER,
@@ -291,7 +297,9 @@ class RouteProxy:
         return await self._send(ex, send, None if kept is None else _replay(kept)), b""
 
     async def _fetch_token(self, ex: _Exchange, send: _Send) -> str | None:
-        """``GET`` of the service root with ``X-CSRF-Token: Fetch``, in the session."""
+        """``GET`` of the service root with ``X-CSRF-Token: Fetch``, in the session: the
+        token, None when the upstream offers none, `FetchFailed` when it did not answer
+        usably (no answer, 5xx, 429)."""
         assert send.csrf_root is not None
         generation, root = send.generation, send.csrf_root
         target = root + (f"?{q}" if (q := merge_query("", generation.target.query)) else "")
@@ -319,7 +327,11 @@ class RouteProxy:
             fail = classify(exc, upstream=str(generation.target.upstream))
             log.warning("CSRF token fetch failed (%s); the write goes without a token",
                         fail.message, extra=extra)  # fmt: skip
-            return None
+            raise FetchFailed from exc
+        if answer.status >= 500 or answer.status == 429:  # passing: the next write asks again
+            log.warning("CSRF token fetch at %s answered %d; the write goes without a token",
+                        root, answer.status, extra=extra)  # fmt: skip
+            raise FetchFailed
         token = answer.headers.get(CSRF_HEADER, "").strip()
         if answer.status >= 400 or not token or token.lower() in ("required", "fetch"):
             log.info("the upstream offered no CSRF token at %s (%d); writes go without one",
