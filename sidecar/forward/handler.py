@@ -264,9 +264,12 @@ class RouteProxy:
                 if token is not None:
                     headers[CSRF_HEADER] = send.token = token
                     ex.supply("csrf")
+            # Replaces cookies the client echoed back: they are the sidecar's, maybe of an
+            # earlier session (before a rotation), never to be sent with another identity.
             cookie = session.cookie_header(send.path)
+            headers.popall("Cookie", None)
             if cookie is not None:
-                headers["Cookie"] = cookie  # replaces cookies the client echoed back
+                headers["Cookie"] = cookie
                 ex.supply("session")
         upstream = await generation.pool.request(ex.request.method, send.target, headers, body)
         if send.governed:
