@@ -2,9 +2,11 @@
 
 ``health`` says the process serves; ``ready`` says the route has a loaded,
 currently valid client certificate (503 with the reason otherwise);
-``status`` is JSON for people, ``metrics`` Prometheus text for machines.
-Probes (health, ready) never need the inbound token; status and metrics do
-when one is configured. Nothing here ever shows a key, password or token.
+``status`` is JSON for people, ``metrics`` Prometheus text for machines;
+``intercept.pem`` is the interception certificate https_proxy clients trust
+(404 when interception is off). Probes (health, ready) and the certificate
+never need the inbound token; status and metrics do when one is configured.
+Nothing here ever shows a key, password or token.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from sidecar.errors import ConfigError
 from sidecar.forward.failures import (
+    CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
     METHOD_NOT_ALLOWED,
@@ -22,6 +26,7 @@ from sidecar.forward.failures import (
     error_response,
 )
 from sidecar.forward.handler import TOKEN_MISSING
+from sidecar.intercept.certificate import route_certificates
 from sidecar.runtime import RouteRuntime, readiness
 from sidecar.telemetry.metrics import CONTENT_TYPE
 
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
 
 
 class Admin:
-    """Answers ``{prefix}health|ready|status|metrics`` for one route's listener."""
+    """Answers ``{prefix}health|ready|status|metrics|intercept.pem`` for one route's listener."""
 
     def __init__(
         self,
@@ -73,6 +78,8 @@ class Admin:
             return web.json_response(
                 {"status": "unavailable", "route": route, "reason": reason}, status=503
             )
+        if name == "intercept.pem":
+            return self.intercept_pem()
         if name in ("status", "metrics"):
             if not self.proxy.token_ok(request):
                 return error_response(INBOUND_AUTH_REQUIRED, TOKEN_MISSING)
@@ -82,3 +89,20 @@ class Admin:
                 body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
             )
         return error_response(NOT_FOUND, f"no admin endpoint {request.path}")
+
+    def intercept_pem(self) -> web.StreamResponse:
+        """The interception certificate (and its successor near expiry): public, no token."""
+        route = self.runtime.route
+        if not route.intercept.enabled:
+            return error_response(
+                NOT_FOUND,
+                f"interception is off for route {route.name}: no certificate to trust",
+                "turn it on with `intercept: {enabled: true}` or `mtls-sidecar run --intercept`",
+            )
+        generation = self.proxy.client.current
+        upstream = generation.target.upstream if generation else route.upstream
+        try:
+            pem = route_certificates(route, self.runtime.index, upstream).pem()
+        except ConfigError as exc:
+            return error_response(CREDENTIALS_UNAVAILABLE, exc.message, exc.hint)
+        return web.Response(body=pem, headers={"Content-Type": "application/x-pem-file"})
