@@ -47,6 +47,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.config import RouteConfig, UpstreamURL
+from sidecar.errors import ConfigError
 from sidecar.forward.failures import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
@@ -69,7 +70,15 @@ from sidecar.forward.headers import (
     undecodable_header,
     upstream_request_headers,
 )
-from sidecar.forward.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
+from sidecar.forward.listener import (
+    Relayed,
+    RelayedStream,
+    Tunnel,
+    bytes_received,
+    intercepted,
+    reset,
+    send_continue,
+)
 from sidecar.forward.pool import ConnectionPool, UpstreamResponse
 from sidecar.forward.rewrite import (
     BodyDecodeError,
@@ -80,6 +89,9 @@ from sidecar.forward.rewrite import (
 )
 from sidecar.forward.upstream import Target, UpstreamClient
 from sidecar.http_rules import HOST_VALUE, REQUEST_ID_HEADER, REQUEST_ID_VALUE, TOKEN_HEADER
+from sidecar.intercept.certificate import route_certificates
+from sidecar.intercept.names import upstream_names
+from sidecar.intercept.tunnel import connect_target, proxy_password
 from sidecar.telemetry.logs import access_logger, redact_query
 from sidecar.telemetry.metrics import RouteStats
 
@@ -156,8 +168,11 @@ class RouteProxy:
         )
 
     def token_ok(self, request: web.BaseRequest) -> bool:
-        """True unless a token is configured and the request lacks it (constant time)."""
-        if self._token is None:
+        """True unless a token is configured and the request lacks it (constant time).
+
+        Requests inside a CONNECT tunnel have it: the CONNECT needed it.
+        """
+        if self._token is None or intercepted(request):
             return True
         # surrogateescape: a header with non-UTF-8 bytes is just a wrong token
         given = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape")
@@ -181,6 +196,8 @@ class RouteProxy:
 
     async def _forward(self, ex: _Exchange) -> web.StreamResponse:
         request = ex.request
+        if request.method == "CONNECT":
+            return self._finish(ex, self._connect(ex))
         try:
             pool, target, path = self._prepare(request)
         except _Refused as refused:
@@ -196,7 +213,7 @@ class RouteProxy:
                 drop=target.drop,
                 set_headers=target.set_headers,
                 request_id=ex.request_id,
-                rewriting=bool(target.rewrite_bases),
+                rewriting=bool(target.rewrite_bases) and not intercepted(request),
             )
             body = None
             if request.body_exists:
@@ -223,10 +240,6 @@ class RouteProxy:
         if request.version not in _VERSIONS:
             raise _Refused(BAD_REQUEST, f"HTTP/{request.version[0]}.{request.version[1]} is "
                            "not served; send HTTP/1.1 (or 1.0)")  # fmt: skip
-        if request.method == "CONNECT":
-            raise _Refused(
-                FORBIDDEN_TARGET, "CONNECT tunnels are not served: the sidecar is not an open proxy"
-            )
         foreign = self.foreign_target(request)
         if foreign is not None:
             raise _Refused(FORBIDDEN_TARGET, foreign)
@@ -267,6 +280,71 @@ class RouteProxy:
         path = target.upstream.path_prefix + path + (f"?{query}" if query else "")
         return generation.pool, target, path
 
+    def _connect(self, ex: _Exchange) -> web.StreamResponse:
+        """CONNECT: a tunnel into the interception's TLS for an upstream name, else refused.
+
+        Never a blind tunnel: the sidecar terminates TLS itself and serves each
+        request inside like a plain one (`sidecar.forward.listener.open_tunnel`).
+        """
+        try:
+            return self._tunnel(ex.request)
+        except _Refused as refused:
+            refusal = self._answer(ex, refused.code, refused.message, refused.hint)
+            refusal.force_close()  # nothing after a refused CONNECT is read
+            return refusal
+
+    def _tunnel(self, request: web.BaseRequest) -> Tunnel:
+        route = self.route
+        if not route.intercept.enabled or intercepted(request):
+            raise _Refused(
+                FORBIDDEN_TARGET,
+                "CONNECT tunnels are not served: the sidecar is not an open proxy",
+                "for https_proxy clients of the upstream, turn on interception "
+                "(intercept.enabled, or run --intercept)"
+                if not intercepted(request)
+                else None,
+            )
+        generation = self.client.current
+        upstream = generation.target.upstream if generation else route.upstream
+        names = upstream_names(upstream, route.rewrite_hosts) if upstream else ()
+        target = connect_target(request.raw_path)
+        if target is None or target not in names:
+            served = ", ".join(map(str, names)) or "none known yet"
+            raise _Refused(
+                FORBIDDEN_TARGET,
+                f"CONNECT {request.raw_path[:100]!r} is not served: only the route's upstream "
+                f"names are ({served}); the sidecar is not an open proxy",
+            )
+        if not self.token_ok(request) and not self._proxy_token_ok(request):
+            raise _Refused(
+                INBOUND_AUTH_REQUIRED,
+                f"{TOKEN_MISSING}, or Proxy-Authorization: Basic with the token as password",
+                "use a proxy URL like http://sidecar:TOKEN@127.0.0.1:8080",
+            )
+        reason = self._unavailable()
+        if generation is None or reason is not None:
+            raise _Refused(
+                CREDENTIALS_UNAVAILABLE,
+                f"route {route.name}: {reason or 'no valid client certificate'}",
+            )
+        certificates = route_certificates(route, None, upstream)
+        try:
+            context = certificates.server_context()
+        except ConfigError as exc:  # e.g. the certificate expired and cert_dir is read-only
+            raise _Refused(CREDENTIALS_UNAVAILABLE, exc.message, exc.hint) from None
+        return Tunnel(
+            context,
+            str(target),
+            timeout=route.limits.header_timeout,
+            foreign_name=certificates.foreign_server_name,
+        )
+
+    def _proxy_token_ok(self, request: web.BaseRequest) -> bool:
+        password = proxy_password(request.headers.get("Proxy-Authorization"))
+        if self._token is None or password is None:
+            return False
+        return hmac.compare_digest(password.encode("utf-8", "surrogateescape"), self._token)
+
     async def _relay(
         self, ex: _Exchange, upstream: UpstreamResponse, target: Target
     ) -> web.StreamResponse:
@@ -297,7 +375,8 @@ class RouteProxy:
             )
             return self._failed(ex, failure(UPSTREAM_BAD_RESPONSE, message, "protocol"))
         body: BodyRewriter | None = None
-        if target.rewrite_bases:
+        # Inside a CONNECT tunnel the client uses the upstream's own names: nothing to rewrite.
+        if target.rewrite_bases and not intercepted(request):
             body, headers = self._rewriting(request, upstream, target, headers)
         headers[REQUEST_ID_HEADER] = ex.request_id
         if upstream.status == 401:

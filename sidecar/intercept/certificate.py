@@ -41,6 +41,7 @@ import logging
 import os
 import ssl
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,9 @@ class InterceptCertificates:
         self._next: InterceptCertificate | None = None
         self._context: tuple[str, ssl.SSLContext] | None = None
         self._warned: set[str] = set()
+        self._server_names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ----------------------------------------------------------------- public
 
@@ -162,8 +166,23 @@ class InterceptCertificates:
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(current.cert_path, current.key_path)
             ctx.set_alpn_protocols(list(ALPN))
+            ctx.sni_callback = self._note_server_name
             self._context = (current.fingerprint, ctx)
         return self._context[1]
+
+    def _note_server_name(
+        self, conn: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext
+    ) -> None:
+        # Noted, not refused here: a handshake failed in this callback ends in a reset
+        # instead of an alert, whereas a verifying client refuses our certificate for
+        # another name with a clear message, and `foreign_server_name` closes the rest.
+        if name is not None:
+            self._server_names[conn] = name.lower()
+
+    def foreign_server_name(self, conn: object) -> str | None:
+        """The name (SNI) a TLS connection asked for when the certificate does not name it."""
+        name = self._server_names.get(conn) if isinstance(conn, ssl.SSLObject) else None
+        return name if name is not None and name not in self.hosts else None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -380,7 +399,7 @@ _SHARED: dict[tuple[Path, str, tuple[UpstreamName, ...]], InterceptCertificates]
 
 def route_certificates(
     route: RouteConfig,
-    index: int,
+    index: int | None,
     upstream: UpstreamURL | None = None,
     *,
     env: Mapping[str, str] | None = None,
@@ -390,7 +409,7 @@ def route_certificates(
     Names that change (a destination's new URL) give another certificate.
     """
     upstream = upstream or route.upstream
-    where = f"routes[{index}]"
+    where = f"routes[{index}]" if index is not None else f"route {route.name}"
     if upstream is None:
         raise ConfigError(
             f"{where}.upstream: the interception certificate names the upstream, and it is "
