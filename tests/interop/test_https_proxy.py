@@ -27,10 +27,11 @@ from pathlib import Path
 import pytest
 
 from sidecar.demo.app import DEMO_COMPANY_ID, FakeUpstream, fake_successfactors
-from tests.conftest import free_port, missing_tool
+from tests.conftest import ROOT, free_port, missing_tool
 from tests.support.process import SidecarProcess, run_cli
 
 USERS = 45  # what the fake SuccessFactors serves, 20 a page
+EXAMPLE = ROOT / "config" / "examples" / "legacy-script"
 TIMEOUT = 60
 #: variables of the test machine that would send the clients elsewhere
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -234,6 +235,18 @@ def test_node_https_with_extra_ca_certs(setup: Setup) -> None:
     out = run([node, "-e", NODE_SCRIPT, setup.first_page],
               setup.env(NODE_EXTRA_CA_CERTS=str(setup.cert_file)))  # fmt: skip
     check_pages(out, setup)
+
+
+def test_the_example_scripts_run_unchanged_through_https_proxy(setup: Setup) -> None:
+    """config/examples/legacy-script/, the way its README says: only the environment."""
+    env = setup.env(SF_BASE_URL=setup.upstream.url, REQUESTS_CA_BUNDLE=str(setup.bundle))
+    lines = run([sys.executable, str(EXAMPLE / "users.py")], env).splitlines()
+    assert lines[-1] == f"{USERS} users" and len(set(lines[:-1])) == USERS
+    if shutil.which("curl") is None:
+        missing_tool("curl is not installed")
+    env = setup.env(SF_BASE_URL=setup.upstream.url, CURL_CA_BUNDLE=str(setup.bundle))
+    users = json.loads(run(["sh", str(EXAMPLE / "users.sh")], env))["d"]["results"]
+    assert [u["userId"] for u in users] == ["u0001", "u0002", "u0003", "u0004", "u0005"]
 
 
 def test_the_sidecar_logged_each_tunnel_and_no_key(setup: Setup) -> None:
