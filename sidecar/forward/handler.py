@@ -2,9 +2,10 @@
 
 For each request on a route's listener:
 
-1. refuse what must not be forwarded (CONNECT, absolute-form targets for
-   other hosts, a missing inbound token, no valid identity, a malformed
-   target or header);
+1. refuse what must not be forwarded (CONNECT, unless interception serves it
+   for one of the upstream's names: then a `Tunnel`, see `_connect`;
+   absolute-form targets for other hosts, a missing inbound token, no valid
+   identity, a malformed target or header);
 2. build the upstream request from the current `Generation`'s `Target`: raw
    path behind the upstream's prefix, the query plus the route's parameters,
    filtered headers plus the route's;

@@ -545,7 +545,6 @@ async def open_tunnel(request: web.BaseRequest, protocol: _Protocol, tunnel: Tun
         _refuse_plain(transport, tunnel.target)
         return
     inner = protocol.inside(tunnel.target)
-    protocol.hand_over()
     try:
         tls = await loop.start_tls(
             transport,
@@ -558,6 +557,9 @@ async def open_tunnel(request: web.BaseRequest, protocol: _Protocol, tunnel: Tun
         log.info("TLS inside the CONNECT tunnel to %s failed: %s", tunnel.target,
                  getattr(exc, "reason", None) or type(exc).__name__)  # fmt: skip
         return
+    finally:
+        # Until here the CONNECT's connection held its slot (limits.max_connections).
+        protocol.hand_over()
     if tls is None:
         return
     name = tunnel.foreign_name(tls.get_extra_info("ssl_object"))

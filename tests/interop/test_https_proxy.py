@@ -249,6 +249,15 @@ def test_the_example_scripts_run_unchanged_through_https_proxy(setup: Setup) -> 
     assert [u["userId"] for u in users] == ["u0001", "u0002", "u0003", "u0004", "u0005"]
 
 
+def test_run_serves_the_certificate_trust_show_made(setup: Setup) -> None:
+    """Made once by `trust show` (another process), reused by `run`: trusted once."""
+    import urllib.request
+
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(f"{setup.proxy}/-/intercept.pem", timeout=10) as answer:
+        assert answer.read() == setup.cert_file.read_bytes()
+
+
 def test_the_sidecar_logged_each_tunnel_and_no_key(setup: Setup) -> None:
     output = setup.sidecar.output
     assert f"CONNECT localhost:{setup.upstream.port} 200" in output
