@@ -580,7 +580,10 @@ async def _peek(transport: asyncio.Transport, timeout: float) -> bytes | None:
         return None
     loop = asyncio.get_running_loop()
     # A duplicate descriptor: the transport keeps its own, and MSG_PEEK consumes nothing.
-    peeker = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        peeker = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:  # Windows cannot dup a socket handle: TLS is then told by its failure
+        return None
     try:
         readable: asyncio.Future[None] = loop.create_future()
         try:
