@@ -109,6 +109,22 @@ def test_a_path_without_query_gets_no_question_mark() -> None:
     assert [r["path"] for r in log.as_json()] == ["/empty", "/plain"]
 
 
+def test_an_absolute_form_target_loses_its_userinfo() -> None:
+    """``GET http://user:password@host/p`` (a client using the sidecar as http_proxy):
+    the password is a credential, shown nowhere, with or without query values."""
+    log = RequestLog()
+    log.add(entry("http://user:hunter2@api.example.com:8443/odata/v2/User?$top=1"))
+    log.add(entry("https://token-only@api.example.com"))
+    log.add(entry("/odata/v2/User('a@b')"))  # an @ in a plain path is no userinfo
+    for keep in (False, True):
+        paths = [r["path"] for r in log.as_json(keep_query_values=keep)]
+        assert paths == [
+            "/odata/v2/User('a@b')",
+            "https://api.example.com",
+            "http://api.example.com:8443/odata/v2/User?$top=" + ("1" if keep else "***"),
+        ]
+
+
 def test_the_status_filter_keeps_one_class() -> None:
     log = RequestLog()
     for i, status in enumerate((200, 204, 302, 404, 499, 502, 101)):
