@@ -265,10 +265,13 @@ def test_a_route_without_a_certificate_says_so_and_why() -> None:
 @pytest.mark.parametrize(
     ("not_after", "tone", "days"),
     [
+        (-(10 * DAY + HOUR), "bad", "expired 10 days ago"),
+        (-HOUR, "bad", "expired today"),
         (5 * DAY + HOUR, "warn", "5 days left"),
+        (DAY + HOUR, "warn", "1 day left"),
         (200 * DAY + HOUR, "ok", "200 days left"),
     ],
-    ids=["expiring", "fine"],
+    ids=["expired", "expired-today", "expiring", "expiring-tomorrow", "fine"],
 )
 def test_a_certificate_renders_its_state(
     pki: PKI, not_after: dt.timedelta, tone: str, days: str
