@@ -4,9 +4,10 @@
 buffer (memory only, nothing on disk); `Traffic` keeps 15 minutes of counts and
 latencies in 10-second buckets for the console's charts. Both are fed once per
 request by the handler's `_record` and cost a tuple and a few additions: the
-query is stored as sent and redacted when read (`redact_query`), so a request
-pays nothing for it. What is kept is what the access line shows (no header
-value but the response's Content-Type, never a body, cookie or token).
+query is stored as sent and redacted when read (`redact_query`; the userinfo of
+an absolute-form target dropped), so a request pays nothing for it. What is
+kept is what the access line shows (no header value but the response's
+Content-Type, never a body, cookie or token).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class RequestLog:
             if status_class is not None and f"{e.status // 100}xx" != status_class:
                 continue
             path, _, query = e.raw_path.partition("?")
+            path = _without_userinfo(path)
             query = redact_query(query, keep_values=keep_query_values)
             out.append(
                 {
@@ -140,6 +142,15 @@ class Traffic:
             held.get(s) or Bucket(s, [0] * 4, [0] * (len(EDGES) + 1))
             for s in (first + i * BUCKET for i in range(slots))
         ]
+
+
+def _without_userinfo(path: str) -> str:
+    """An absolute-form target's ``user:password@`` is a credential: never shown."""
+    scheme, sep, rest = path.partition("://")
+    if not sep or "/" in scheme:
+        return path
+    authority, slash, tail = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
 
 
 def _iso(at: float) -> str:
