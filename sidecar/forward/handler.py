@@ -107,7 +107,7 @@ from sidecar.http_rules import (
 from sidecar.intercept.certificate import route_certificates
 from sidecar.intercept.names import upstream_names
 from sidecar.intercept.tunnel import connect_target, proxy_password
-from sidecar.telemetry.logs import access_logger, redact_query
+from sidecar.telemetry.logs import access_logger, redact_query, without_userinfo
 from sidecar.telemetry.metrics import RouteStats
 from sidecar.telemetry.recent import Entry
 
@@ -723,7 +723,8 @@ class RouteProxy:
         fields = {
             "route": entry.route,
             "method": entry.method,
-            "path": request.raw_path.partition("?")[0] + (f"?{query}" if query else ""),
+            "path": without_userinfo(request.raw_path.partition("?")[0])
+            + (f"?{query}" if query else ""),
             "status": status,
             "bytes_in": entry.bytes_in,
             "bytes_out": entry.bytes_out,

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sidecar.telemetry.logs import redact_query
+from sidecar.telemetry.logs import redact_query, without_userinfo
 
 RECENT = 200  # requests kept
 BUCKET = 10.0  # seconds per traffic bucket
@@ -68,7 +68,7 @@ class RequestLog:
             if status_class is not None and f"{e.status // 100}xx" != status_class:
                 continue
             path, _, query = e.raw_path.partition("?")
-            path = _without_userinfo(path)
+            path = without_userinfo(path)
             query = redact_query(query, keep_values=keep_query_values)
             out.append(
                 {
@@ -142,15 +142,6 @@ class Traffic:
             held.get(s) or Bucket(s, [0] * 4, [0] * (len(EDGES) + 1))
             for s in (first + i * BUCKET for i in range(slots))
         ]
-
-
-def _without_userinfo(path: str) -> str:
-    """An absolute-form target's ``user:password@`` is a credential: never shown."""
-    scheme, sep, rest = path.partition("://")
-    if not sep or "/" in scheme:
-        return path
-    authority, slash, tail = rest.partition("/")
-    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
 
 
 def _iso(at: float) -> str:
