@@ -97,6 +97,7 @@ def test_no_import_cycles() -> None:
         ("sidecar.intercept", "sidecar.server"),
         ("sidecar.intercept", "sidecar.admin"),
         ("sidecar.intercept", "sidecar.credentials"),
+        ("sidecar.intercept", "sidecar.forward"),
     ],
 )
 def test_lower_packages_never_import_higher_ones(importer: str, imported: str) -> None:

@@ -15,7 +15,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from sidecar.config import UpstreamURL
-from sidecar.forward.rewrite import _host_and_port, plain_twin
+from sidecar.http_rules import host_and_port, plain_twin
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def upstream_names(
     if twin is not None:
         found.append(UpstreamName(twin.lower(), upstream.port))
     for entry in rewrite_hosts:
-        host, port = _host_and_port(entry.strip())
+        host, port = host_and_port(entry.strip())
         if host:
             found.append(UpstreamName(host.lower(), port))
     return tuple(dict.fromkeys(found))

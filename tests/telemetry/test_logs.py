@@ -34,8 +34,8 @@ from sidecar.telemetry.logs import (
     TextFormatter,
     access_logger,
     redact_query,
-    without_userinfo,
     setup_logging,
+    without_userinfo,
 )
 from tests.conftest import PKI, free_port, key_material, route_config, write_private
 from tests.support.upstreams import FakeUpstream
