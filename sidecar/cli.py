@@ -49,7 +49,6 @@ from sidecar.credentials.sources import CredentialSource, Loaded
 from sidecar.errors import SidecarError, UsageError
 from sidecar.forward.probe import probe as run_probe
 from sidecar.forward.upstream import route_target
-from sidecar.intercept.certificate import route_certificates
 from sidecar.runtime import source_for
 from sidecar.telemetry.logs import setup_logging
 
@@ -188,10 +187,6 @@ def run(
     if intercept:
         config = with_interception(config)
     setup_logging(config.log, level=log_level, fmt=log_format)
-    for i, route in enumerate(config.routes):
-        if route.intercept.enabled and route.upstream is not None:
-            # Made (or found) now: an unwritable cert_dir stops `run` before it serves.
-            route_certificates(route, i).current()
     _event_loop_runner()(server.run(config))
 
 

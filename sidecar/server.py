@@ -37,6 +37,7 @@ from sidecar.errors import ConfigError, SidecarError
 from sidecar.forward.handler import RouteProxy
 from sidecar.forward.listener import start_listener
 from sidecar.forward.upstream import UpstreamClient
+from sidecar.intercept.certificate import route_certificates
 from sidecar.resources import MemoryTrimmer, raise_file_limit
 from sidecar.runtime import RouteRuntime, readiness, route_status, source_for
 from sidecar.tasks import TaskGroup
@@ -86,6 +87,9 @@ class Sidecar:
 
     async def _prepare_route(self, index: int, route: RouteConfig) -> None:
         token = inbound_token(index, route, self.env)
+        if route.intercept.enabled and route.upstream is not None:
+            # Made (or found) now: an unwritable cert_dir stops the start before it serves.
+            route_certificates(route, index, env=self.env).current()
         source = source_for(route, index, self.env)
         stats = self.metrics.route(route.name)
         rt = RouteRuntime(index, route, source, UpstreamClient(route, self.tasks), stats)

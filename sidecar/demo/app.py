@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sidecar.config import (
     Config,
     CredentialsConfig,
+    InterceptConfig,
     ListenAddress,
     RouteConfig,
     TLSConfig,
@@ -79,7 +80,8 @@ async def fake_successfactors(
         await runner.cleanup()
 
 
-def demo_config(upstream: FakeUpstream, port: int) -> Config:
+def demo_config(upstream: FakeUpstream, port: int, intercept_dir: Path | None = None) -> Config:
+    """The demo's route; with ``intercept_dir``, interception on, its certificate kept there."""
     route = RouteConfig(
         name="demo",
         listen=ListenAddress("127.0.0.1", port),
@@ -87,6 +89,7 @@ def demo_config(upstream: FakeUpstream, port: int) -> Config:
         company_id=DEMO_COMPANY_ID,
         credentials=CredentialsConfig(pem=upstream.pki.client_bundle),
         tls=TLSConfig(ca_file=upstream.pki.ca_file),
+        intercept=InterceptConfig(enabled=intercept_dir is not None, cert_dir=intercept_dir),
     )
     return Config(routes=(route,))
 
@@ -120,7 +123,8 @@ async def run_demo(port: int, say: Callable[[str], None], renewal: bool = False)
     directory = Path(tempfile.mkdtemp(prefix="mtls-sidecar-demo-"))  # mode 0700
     try:
         async with fake_successfactors(directory) as upstream:
-            sidecar = Sidecar(demo_config(upstream, port))
+            intercept = directory / "intercept"
+            sidecar = Sidecar(demo_config(upstream, port, intercept))
             await sidecar.start()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -142,6 +146,10 @@ async def run_demo(port: int, say: Callable[[str], None], renewal: bool = False)
                 f"       -d '{NEW_USER}'\n"
                 f"  curl \"{local}/odata/v2/User('demo1')\"\n"
                 f"  curl '{local}/fake/sessions'          # login sessions the fake opened\n\n"
+                "Or keep the https:// URL and use the sidecar as https_proxy (it serves the\n"
+                "upstream's own name with a local certificate that vouches for nothing else):\n"
+                f"  curl -x {local} --cacert {intercept / 'demo.pem'} \\\n"
+                f"       '{upstream.url}/odata/v2/User?$top=3'\n\n"
                 f"{steps}"
                 "Press Ctrl-C to stop."
             )

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -191,7 +192,7 @@ def test_demo_command_serves_users_and_stops_on_sigint(tmp_path: Path) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             out.append(line)
-            if f"mtls-sidecar listening on http://127.0.0.1:{port}" in line:
+            if "Press Ctrl-C to stop." in line:  # the end of the banner
                 banner.set()
 
     def read_stderr() -> None:
@@ -215,6 +216,19 @@ def test_demo_command_serves_users_and_stops_on_sigint(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/fake/sessions", timeout=15) as resp:
             counts = json.load(resp)
         assert counts["requests"] >= 1 and counts["sessions_opened"] >= 1, counts
+        # Interception is on: the printed `curl -x ... --cacert ...` line works as printed,
+        # with the https:// URL of the upstream and the certificate verified.
+        proxied = re.search(r"^  (curl -x .*\\\n.*)$", banner_text, re.MULTILINE)
+        assert proxied is not None, banner_text
+        if shutil.which("curl"):
+            command = proxied[1].replace("\\\n", " ")
+            run = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=30, check=False
+            )
+            assert run.returncode == 0, run.stderr
+            users = json.loads(run.stdout)["d"]["results"]
+            assert [u["userId"] for u in users] == ["u0001", "u0002", "u0003"]
+            assert "https://localhost:" in users[0]["__metadata"]["uri"]  # its own links
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0, "".join(out + err)
