@@ -29,13 +29,25 @@ REFRESH = 15  # seconds between the page's reloads
 
 
 @dataclass(frozen=True)
+class Interception:
+    """A route's interception, as the console shows it (public facts only)."""
+
+    enabled: bool
+    names: Sequence[str] = ()
+    sha256: str = ""
+    not_after: str = ""
+    trust_lines: Sequence[str] = ()  # how each client trusts the certificate
+    problem: str | None = None  # why the certificate cannot be shown
+
+
+@dataclass(frozen=True)
 class RouteView:
     """One route as the console shows it."""
 
     status: Mapping[str, Any]  # the route's /-/status entry
     chain: Sequence[CertSummary]  # leaf first; empty before a certificate is loaded
     warn_before_days: float
-    intercept: str | None = None  # HTML of the interception block, when it has one
+    intercept: Interception = Interception(enabled=False)
 
 
 def render(
@@ -93,7 +105,29 @@ def _route(view: RouteView, now: dt.datetime, prefix: str) -> str:
         f"<h2>Route {escape(str(s.get('name')))} {badge}</h2>{facts}"
         f"{_certificate(view, now)}{_pending(s.get('pending'))}"
         f"{_session(s.get('session'))}"
-        f"{view.intercept or ''}</section>"
+        f"{_interception(view.intercept, prefix)}</section>"
+    )
+
+
+def _interception(intercept: Interception, prefix: str) -> str:
+    title = "<h3>Interception (https_proxy clients)</h3>"
+    if not intercept.enabled:
+        return (
+            f"{title}<p>Off: clients send plain HTTP to this listener. Turn it on with "
+            "<code>intercept: {enabled: true}</code> or <code>mtls-sidecar run --intercept</code> "
+            "to serve unchanged <code>https://</code> scripts through <code>https_proxy</code>.</p>"
+        )
+    if intercept.problem is not None:
+        return f'{title}<p class="bad">On, but {escape(intercept.problem)}</p>'
+    lines = "".join(f"<li><code>{escape(line)}</code></li>" for line in intercept.trust_lines)
+    return (
+        f"{title}<p>On: <code>CONNECT</code> is served for "
+        f"{escape(', '.join(intercept.names))} only, under a local certificate that vouches "
+        f'for nothing else. <a href="{escape(prefix)}intercept.pem" download>Download the '
+        "certificate</a> and trust it in the client.</p>"
+        + _facts(("SHA-256", intercept.sha256), ("valid until", intercept.not_after[:10]))
+        + f'<details><summary>How each client trusts it</summary><ul class="trust">{lines}'
+        "</ul></details>"
     )
 
 
@@ -294,4 +328,5 @@ polyline.p50,tspan.p50{stroke:#1565c0;fill:#1565c0}
 polyline.p95,tspan.p95{stroke:#ef6c00;fill:#ef6c00}
 polyline.p50,polyline.p95{fill:none}
 code{background:#f1f3f5;padding:0 3px;border-radius:3px}
+ul.trust{font-size:12px;padding-left:18px}ul.trust code{word-break:break-all}
 """

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.admin.console import RouteView, render
+from sidecar.admin.console import Interception, RouteView, render
 from sidecar.credentials.certinfo import summarize
 from sidecar.errors import ConfigError
 from sidecar.forward.failures import (
@@ -32,6 +32,7 @@ from sidecar.forward.failures import (
 )
 from sidecar.forward.handler import TOKEN_MISSING
 from sidecar.intercept.certificate import route_certificates
+from sidecar.intercept.trust import client_lines
 from sidecar.runtime import RouteRuntime, readiness, route_status
 from sidecar.telemetry.metrics import CONTENT_TYPE
 from sidecar.telemetry.recent import STATUS_CLASSES
@@ -126,7 +127,12 @@ class Admin:
             generation = rt.client.current
             chain = [summarize(c) for c in generation.identity.chain] if generation else []
             views.append(
-                RouteView(route_status(rt), chain, rt.route.credentials.warn_before / 86400)
+                RouteView(
+                    route_status(rt),
+                    chain,
+                    rt.route.credentials.warn_before / 86400,
+                    self._interception(rt),
+                )
             )
         return render(
             version=__version__,
@@ -136,6 +142,27 @@ class Admin:
             requests=requests,
             traffic=self.metrics.traffic.window(),
             status_class=status_class,
+        )
+
+    def _interception(self, rt: RouteRuntime) -> Interception:
+        """What the console shows of a route's interception (public facts only)."""
+        route = rt.route
+        if not route.intercept.enabled:
+            return Interception(enabled=False)
+        generation = rt.client.current
+        upstream = generation.target.upstream if generation else route.upstream
+        try:
+            current = route_certificates(route, rt.index, upstream).current()
+        except ConfigError as exc:
+            return Interception(enabled=True, problem=str(exc))
+        proxy = f"http://{rt.bound_address}"
+        lines = client_lines(current.cert_path, proxy, current.names[0], route.name)
+        return Interception(
+            enabled=True,
+            names=current.names,
+            sha256=current.fingerprint,
+            not_after=current.not_after.isoformat(),
+            trust_lines=lines,
         )
 
     def intercept_pem(self) -> web.StreamResponse:

@@ -27,10 +27,12 @@ from typing import Any
 import aiohttp
 import html5lib  # type: ignore[import-untyped]
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from sidecar.admin.charts import latency_chart, status_chart, validity_bar
 from sidecar.admin.console import RouteView, render
-from sidecar.config import Config, InboundConfig, LogConfig
+from sidecar.config import Config, InboundConfig, InterceptConfig, LogConfig
 from sidecar.credentials.certinfo import CertSummary, summarize
 from sidecar.credentials.identity import read_bundle_bytes
 from sidecar.credentials.sources import Loaded
@@ -565,6 +567,40 @@ async def test_the_console_shows_every_route_of_a_running_sidecar(
     # Every listener shows the whole sidecar.
     other = parse(await get_page(client, url_of(main, 1) + path))
     assert [e.get("id") for e in by_class(other, "route")] == ["route-main", "route-dead"]
+
+
+async def test_interception_shows_its_certificate_download_link_and_trust_lines(
+    tls_upstream: Any,
+    start_sidecar: Any,
+    bundle_file: Path,
+    ca_file: Path,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    upstream = await tls_upstream(FakeUpstream().app())
+    on = InterceptConfig(enabled=True, cert_dir=tmp_path / "intercept")
+    running: Running = await start_sidecar(
+        route_config(upstream, bundle_file, ca_file, name="on", intercept=on),
+        route_config(upstream, bundle_file, ca_file, name="off"),
+    )
+    root = parse(await get_page(client, running.url + "/-/"))
+    sections = {e.get("id"): e for e in by_class(root, "route")}
+    block = text(sections["route-on"])
+    assert "On: CONNECT is served for localhost" in block, block
+    [link] = [a for a in sections["route-on"].iter("a") if a.get("href") == "/-/intercept.pem"]
+    async with client.get(running.url + "/-/intercept.pem") as resp:
+        pem = await resp.read()
+    cert = x509.load_pem_x509_certificate(pem)
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert section_facts(sections["route-on"], "Interception (https_proxy clients)") == {
+        "SHA-256": fingerprint,
+        "valid until": cert.not_valid_after_utc.date().isoformat(),
+    }
+    trust = [text(li) for li in by_class(root, "trust")[0].iter("li")]
+    assert any(line.startswith("curl:") and "--cacert" in line for line in trust)
+    assert any(line.startswith("Node.js:") for line in trust)
+    assert "PRIVATE KEY" not in ET.tostring(root, encoding="unicode")
+    assert "Off: clients send plain HTTP" in text(sections["route-off"])
 
 
 async def test_requests_are_newest_first_and_at_most_200_are_kept(
