@@ -16,7 +16,7 @@ from html import escape
 from sidecar.telemetry.recent import BUCKET, STATUS_CLASSES, Bucket
 
 WIDTH, HEIGHT = 720, 140
-_PAD_LEFT, _PAD_BOTTOM, _PAD_TOP = 52, 18, 8
+_PAD_LEFT, _PAD_BOTTOM, _PAD_TOP = 52, 18, 20  # the legend sits in the top padding, over no bar
 STATUS_COLOURS = dict(
     zip(STATUS_CLASSES, ("#2e7d32", "#1565c0", "#ef6c00", "#c62828"), strict=True)
 )
@@ -57,7 +57,7 @@ def latency_chart(buckets: Sequence[Bucket]) -> str:
             parts.append(f'<polyline points="{points}" class="{css}"/>')
     parts.append(_time_axis(len(buckets)))
     parts.append(
-        f'<text x="{WIDTH - 4}" y="{_PAD_TOP + 10}" class="legend" text-anchor="end">'
+        f'<text x="{WIDTH - 4}" y="12" class="legend" text-anchor="end">'
         '<tspan class="p50">— median</tspan> <tspan class="p95">— 95th percentile</tspan></text>'
     )
     return "".join(parts) + "</svg>"
@@ -91,10 +91,7 @@ def status_chart(buckets: Sequence[Bucket]) -> str:
     legend = " ".join(
         f'<tspan fill="{colour}">■ {cls}</tspan>' for cls, colour in STATUS_COLOURS.items()
     )
-    parts.append(
-        f'<text x="{WIDTH - 4}" y="{_PAD_TOP + 10}" class="legend" text-anchor="end">'
-        f"{legend}</text>"
-    )
+    parts.append(f'<text x="{WIDTH - 4}" y="12" class="legend" text-anchor="end">{legend}</text>')
     return "".join(parts) + "</svg>"
 
 
