@@ -69,6 +69,8 @@ def render(
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<meta http-equiv="refresh" content="{REFRESH}">'
+        # No icon to fetch: a browser's /favicon.ico would be forwarded to the upstream.
+        '<link rel="icon" href="data:,">'
         "<title>mtls-sidecar console</title>"
         f"<style>{_CSS}</style></head><body>"
         f'<header><h1>mtls-sidecar</h1><p class="meta">version {escape(version)} · up '
