@@ -1,0 +1,290 @@
+"""Renewing the client certificate without an outage (DESIGN.md, "Renewing the certificate").
+
+A renewed certificate is probed before the switch; while the upstream refuses
+it (its chain not yet in the X.509 mapping) the current one stays and the new
+one is *pending*, tried again every ``pending_retry`` s, and used by itself
+once accepted. Each test runs a real sidecar in this event loop in front of a
+`MappedUpstream` (tests/support/mapping.py), which answers with the serial of
+the client certificate it saw, so the tests see which certificate the traffic
+really travelled with. ``pending_retry`` is set to `RETRY` on the route, and
+files are looked at every `FAST_POLL` s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import CredentialsConfig, RouteConfig
+from sidecar.credentials.certinfo import fingerprint
+from sidecar.credentials.sources import FileSource
+from sidecar.demo.pki import Issued
+from tests.conftest import PKI, Running, eventually, free_port, route_config
+from tests.support.answers import assert_sidecar_error, fetch
+from tests.support.mapping import MappedUpstream, Refusal, Traffic, gauge, route_status
+from tests.support.tls_servers import ResetServer
+
+FAST_POLL = 0.1  # seconds between looks at the credential files
+RETRY = 0.3  # seconds between probes of a pending certificate
+SWITCH_WITHIN = RETRY + 1.0  # the retry interval, and room for a busy machine
+PROBE_PATH = "/odata/v2/"  # credentials.probe_path's default
+API = "/odata/v2/User"  # what the traffic asks for: never the probe's path
+PENDING = "sidecar_client_cert_pending"
+
+
+@pytest.fixture(autouse=True)
+def fast_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FileSource, "poll_interval", FAST_POLL)
+
+
+def install(path: Path, issued: Issued) -> None:
+    """Put ``issued``'s BTP bundle in place atomically, as an operator would."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(issued.btp_bundle())
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+
+
+async def start_route(start_sidecar: Any, route: RouteConfig) -> Running:
+    running: Running = await start_sidecar(route)
+    running.sidecar.routes[0].pending_retry = RETRY
+    return running
+
+
+async def file_route(
+    start_sidecar: Any, upstream: str, bundle: Path, ca_file: Path, **credentials: Any
+) -> Running:
+    creds = CredentialsConfig(pem=bundle, **credentials)
+    return await start_route(
+        start_sidecar, route_config(upstream, bundle, ca_file, credentials=creds)
+    )
+
+
+async def until_pending(url: str, result: str) -> dict[str, Any]:
+    """The route's status once its pending certificate's last probe says ``result``."""
+    found: dict[str, Any] = {}
+
+    async def held() -> bool:
+        found.update(await route_status(url))
+        pending = found["pending"]
+        return pending is not None and pending["last_probe"]["result"] == result
+
+    await eventually(held, within=5.0, what=f"a pending certificate, last probe {result}")
+    return found
+
+
+def warnings_naming(caplog: pytest.LogCaptureFixture, level: int, *words: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == level and all(w in r.getMessage() for w in words)
+    ]
+
+
+def renewal(pki: PKI, refuse: Refusal) -> Issued:
+    """A renewed certificate: by another CA where the refusal is by TLS alert (see mapping.py)."""
+    ca = pki.other_ca if refuse == "alert" else pki.intermediate
+    return ca.client("renewed-technical-user")
+
+
+async def staged_then_mapped(
+    url: str, upstream: MappedUpstream, old: Issued, new: Issued, stage: Callable[[], None]
+) -> Traffic:
+    """The whole sequence under load: ``stage()`` the renewal, see it held back while
+    the upstream refuses it, map it, see the switch. Returns the traffic, stopped."""
+    loop = asyncio.get_running_loop()
+    async with Traffic(f"{url}{API}") as traffic:
+        stage()
+        status = await until_pending(url, "rejected")
+        pending = status["pending"]
+        assert pending["sha256"] == fingerprint(new.cert)
+        assert pending["subject"] == new.cert.subject.rfc4514_string()
+        assert (
+            "refused" in pending["last_probe"]["message"]
+            or "rejected" in pending["last_probe"]["message"]
+        ), pending
+        assert status["sha256"] == fingerprint(old.cert)  # the current one stays
+        assert await gauge(url, PENDING, route="test") == 1.0
+        await traffic.more()
+        assert new.cert.serial_number not in upstream.serials(API)  # traffic: the old one
+
+        upstream.map(new)
+        mapped_at = loop.time()
+        await eventually(
+            lambda: traffic.serials()[-1:] == [new.cert.serial_number],
+            within=SWITCH_WITHIN,
+            what="traffic on the renewed certificate once mapped",
+        )
+        switched_after = loop.time() - mapped_at
+        await traffic.more()
+    print(f"\nswitched {switched_after:.2f}s after the mapping (retry every {RETRY}s)")
+    status = await route_status(url)
+    assert status["pending"] is None
+    assert status["sha256"] == fingerprint(new.cert)
+    assert await gauge(url, PENDING, route="test") == 0.0
+    assert traffic.failures() == [], f"{len(traffic.failures())} of {len(traffic.answers)} failed"
+    assert traffic.serials() == [old.cert.serial_number, new.cert.serial_number]
+    return traffic
+
+
+# ------------------------------------------------------------------ file source
+
+
+@pytest.mark.parametrize("refuse", ["alert", "http400"])
+async def test_a_renewal_is_held_until_mapped_then_switches_by_itself_without_a_failure(
+    pki: PKI,
+    refuse: Refusal,
+    tmp_path: Path,
+    ca_file: Path,
+    bundle_file: Path,
+    start_sidecar: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old, new = pki.client, renewal(pki, refuse)
+    with MappedUpstream(pki, [old], refuse=refuse) as upstream:
+        running = await file_route(start_sidecar, upstream.url, bundle_file, ca_file)
+        traffic = await staged_then_mapped(
+            running.url, upstream, old, new, lambda: install(bundle_file, new)
+        )
+    warned = warnings_naming(caplog, logging.WARNING, "refused by the upstream")
+    assert len(warned) == 1, warned  # once, not at every retry
+    assert "mtls-sidecar cert export-public" in warned[0]
+    assert "X.509 certificate mapping" in warned[0]
+    assert "renewed-technical-user" in warned[0]
+    if refuse == "http400":  # the probes reached the upstream, with the new certificate
+        assert set(upstream.serials(PROBE_PATH)) == {new.cert.serial_number}
+        assert len(upstream.serials(PROBE_PATH)) >= 2  # the first, and the accepted retry
+    else:
+        assert upstream.handshake_errors  # refused by an alert, before any request
+    assert len(traffic.answers) > 50
+
+
+async def test_expired_current_and_refused_renewal_the_renewal_is_used_and_reported(
+    pki: PKI,
+    ca_file: Path,
+    bundle_file: Path,
+    start_sidecar: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Whole seconds: expires one to two seconds from now, after the sidecar started.
+    old = pki.intermediate.client(not_after=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))
+    new = renewal(pki, "http400")
+    install(bundle_file, old)
+    with MappedUpstream(pki, [old], refuse="http400") as upstream:
+        running = await file_route(start_sidecar, upstream.url, bundle_file, ca_file)
+
+        async def expired() -> bool:
+            return not (await route_status(running.url))["ready"]
+
+        await eventually(expired, within=3.0, what="the current certificate expired")
+        install(bundle_file, new)
+
+        async def switched() -> bool:
+            return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
+
+        await eventually(switched, within=3.0, what="the refused renewal in use")
+        status = await route_status(running.url)
+        answer = await fetch(f"{running.url}{API}")
+    assert status["pending"] is None and status["ready"]
+    assert assert_sidecar_error(answer, "client_certificate_rejected")
+    assert upstream.serials(API) == [new.cert.serial_number]
+    assert upstream.serials(PROBE_PATH) == [new.cert.serial_number]  # probed once, refused
+    errors = warnings_naming(caplog, logging.ERROR, "the upstream refused it")
+    assert len(errors) == 1, errors
+    assert "No required SSL certificate was sent" in errors[0]
+    assert "cert export-public" in errors[0]
+
+
+@pytest.mark.parametrize("down", ["nothing listening", "connection reset"])
+async def test_an_unreachable_upstream_leaves_the_renewal_untested_never_rejected(
+    pki: PKI,
+    down: str,
+    ca_file: Path,
+    bundle_file: Path,
+    start_sidecar: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    new = renewal(pki, "http400")
+    with ResetServer() as resetting:
+        upstream = (
+            f"https://localhost:{free_port()}" if down == "nothing listening" else resetting.url
+        )
+        running = await file_route(start_sidecar, upstream, bundle_file, ca_file)
+        install(bundle_file, new)
+        status = await until_pending(running.url, "inconclusive")
+        results = set()
+        for _ in range(3):  # across several retries (every RETRY s)
+            await asyncio.sleep(RETRY)
+            results.add((await route_status(running.url))["pending"]["last_probe"]["result"])
+        assert await gauge(running.url, PENDING, route="test") == 1.0
+        final = await route_status(running.url)
+    assert results == {"inconclusive"}
+    assert status["sha256"] == final["sha256"] == fingerprint(pki.client.cert)  # no switch
+    assert final["pending"]["sha256"] == fingerprint(new.cert)
+    warned = warnings_naming(caplog, logging.WARNING, "could not be tested")
+    assert len(warned) == 1, warned
+    assert not warnings_naming(caplog, logging.WARNING, "refused by the upstream")
+
+
+async def test_without_probe_before_switch_a_renewal_is_used_at_once_unprobed(
+    pki: PKI, ca_file: Path, bundle_file: Path, start_sidecar: Any
+) -> None:
+    new = renewal(pki, "http400")
+    with MappedUpstream(pki, [pki.client], refuse="http400") as upstream:
+        running = await file_route(
+            start_sidecar, upstream.url, bundle_file, ca_file, probe_before_switch=False
+        )
+        install(bundle_file, new)
+
+        async def switched() -> bool:
+            return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
+
+        await eventually(switched, within=2.0, what="the renewal in use")
+        answer = await fetch(f"{running.url}{API}")
+        status = await route_status(running.url)
+        pending = await gauge(running.url, PENDING, route="test")
+    assert_sidecar_error(answer, "client_certificate_rejected")  # today's behaviour: blind
+    assert upstream.serials(API) == [new.cert.serial_number]
+    assert upstream.serials(PROBE_PATH) == []  # never probed
+    assert status["pending"] is None and pending == 0.0
+
+
+async def test_sighup_while_pending_probes_again_and_a_reverted_file_clears_it(
+    pki: PKI, ca_file: Path, bundle_file: Path, start_sidecar: Any
+) -> None:
+    new = renewal(pki, "http400")
+    with MappedUpstream(pki, [pki.client], refuse="http400") as upstream:
+        running = await file_route(start_sidecar, upstream.url, bundle_file, ca_file)
+        running.sidecar.routes[0].pending_retry = 60.0  # only the SIGHUP probes again
+        install(bundle_file, new)
+        first = (await until_pending(running.url, "rejected"))["pending"]
+        assert len(upstream.serials(PROBE_PATH)) == 1
+
+        running.sidecar.reload_all()  # what SIGHUP does
+        await eventually(
+            lambda: len(upstream.serials(PROBE_PATH)) == 2, within=2.0, what="a second probe"
+        )
+        again = (await until_pending(running.url, "rejected"))["pending"]
+        assert again["sha256"] == first["sha256"] == fingerprint(new.cert)
+        assert again["since"] == first["since"]  # the same renewal, still held back
+
+        install(bundle_file, pki.client)  # the operator puts the current one back
+
+        async def cleared() -> bool:
+            return (await route_status(running.url))["pending"] is None
+
+        await eventually(cleared, within=2.0, what="the pending certificate forgotten")
+        status = await route_status(running.url)
+        pending = await gauge(running.url, PENDING, route="test")
+        answer = await fetch(f"{running.url}{API}")
+    assert status["sha256"] == fingerprint(pki.client.cert)
+    assert pending == 0.0
+    assert answer.status == 200
+    assert len(upstream.serials(PROBE_PATH)) == 2  # the current one is not probed
