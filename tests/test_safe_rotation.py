@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import CredentialsConfig, RouteConfig
+from sidecar.config import CredentialsConfig, DestinationRef, ListenAddress, RouteConfig, TLSConfig
 from sidecar.credentials.certinfo import fingerprint
 from sidecar.credentials.sources import FileSource
 from sidecar.demo.pki import Issued
 from tests.conftest import PKI, Running, eventually, free_port, route_config
 from tests.support.answers import assert_sidecar_error, fetch
+from tests.support.fake_btp import FakeBTP, destination_json, serve, write_service_key
 from tests.support.mapping import MappedUpstream, Refusal, Traffic, gauge, route_status
 from tests.support.tls_servers import ResetServer
 
@@ -288,3 +289,41 @@ async def test_sighup_while_pending_probes_again_and_a_reverted_file_clears_it(
     assert pending == 0.0
     assert answer.status == 200
     assert len(upstream.serials(PROBE_PATH)) == 2  # the current one is not probed
+
+
+# ------------------------------------------------------------------ destination source
+
+
+async def test_a_renewed_destination_certificate_is_held_until_mapped_then_used(
+    pki: PKI, tmp_path: Path, ca_file: Path, start_sidecar: Any
+) -> None:
+    name = "sap_hcmcloud_core_odata"
+    old, new = pki.client, renewal(pki, "alert")
+    fake = FakeBTP()
+    with MappedUpstream(pki, [old], refuse="alert") as upstream:
+
+        def keystore(issued: Issued) -> None:
+            bundle = ("client.pem", issued.btp_bundle())
+            fake.destinations[name] = destination_json(name, url=upstream.url, keystore=bundle)
+
+        keystore(old)
+        btp = await serve(fake)
+        try:
+            key = write_service_key(tmp_path / "key.json", btp.url)
+            route = RouteConfig(
+                name="test",
+                listen=ListenAddress("127.0.0.1", 0),
+                credentials=CredentialsConfig(
+                    destination=DestinationRef(name, service_key=key, refresh=FAST_POLL)
+                ),
+                tls=TLSConfig(ca_file=ca_file),
+            )
+            running = await start_route(start_sidecar, route)
+            clock = asyncio.get_running_loop().time
+            calls, started = fake.destination_calls, clock()
+            await staged_then_mapped(running.url, upstream, old, new, lambda: keystore(new))
+            calls, seconds = fake.destination_calls - calls, clock() - started
+        finally:
+            await btp.runner.cleanup()
+    # Fetched every `refresh` while pending too, never in a tight loop.
+    assert calls <= seconds / FAST_POLL + 5, f"{calls} fetches in {seconds:.1f}s"
