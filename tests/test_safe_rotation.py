@@ -107,6 +107,7 @@ async def staged_then_mapped(
         pending = status["pending"]
         assert pending["sha256"] == fingerprint(new.cert)
         assert pending["subject"] == new.cert.subject.rfc4514_string()
+        assert pending["next_probe_in_seconds"] <= 1  # RETRY, rounded
         assert (
             "refused" in pending["last_probe"]["message"]
             or "rejected" in pending["last_probe"]["message"]
@@ -167,8 +168,10 @@ async def test_a_renewal_is_held_until_mapped_then_switches_by_itself_without_a_
     assert len(traffic.answers) > 50
 
 
+@pytest.mark.parametrize("staged", ["after the expiry", "before the expiry"])
 async def test_expired_current_and_refused_renewal_the_renewal_is_used_and_reported(
     pki: PKI,
+    staged: str,
     ca_file: Path,
     bundle_file: Path,
     start_sidecar: Any,
@@ -184,8 +187,13 @@ async def test_expired_current_and_refused_renewal_the_renewal_is_used_and_repor
         async def expired() -> bool:
             return not (await route_status(running.url))["ready"]
 
+        if staged == "before the expiry":  # pending, then tried again once it expired
+            install(bundle_file, new)
+            status = await until_pending(running.url, "rejected")
+            assert status["sha256"] == fingerprint(old.cert)
         await eventually(expired, within=3.0, what="the current certificate expired")
-        install(bundle_file, new)
+        if staged == "after the expiry":
+            install(bundle_file, new)
 
         async def switched() -> bool:
             return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
@@ -196,7 +204,10 @@ async def test_expired_current_and_refused_renewal_the_renewal_is_used_and_repor
     assert status["pending"] is None and status["ready"]
     assert assert_sidecar_error(answer, "client_certificate_rejected")
     assert upstream.serials(API) == [new.cert.serial_number]
-    assert upstream.serials(PROBE_PATH) == [new.cert.serial_number]  # probed once, refused
+    probes = upstream.serials(PROBE_PATH)  # refused each time: once, or once per retry
+    assert set(probes) == {new.cert.serial_number}
+    assert len(probes) == 1 if staged == "after the expiry" else len(probes) >= 2
+    assert await gauge(running.url, PENDING, route="test") == 0.0
     errors = warnings_naming(caplog, logging.ERROR, "the upstream refused it")
     assert len(errors) == 1, errors
     assert "No required SSL certificate was sent" in errors[0]
@@ -257,24 +268,29 @@ async def test_without_probe_before_switch_a_renewal_is_used_at_once_unprobed(
     assert status["pending"] is None and pending == 0.0
 
 
-async def test_sighup_while_pending_probes_again_and_a_reverted_file_clears_it(
-    pki: PKI, ca_file: Path, bundle_file: Path, start_sidecar: Any
+@pytest.mark.parametrize("again", ["sighup", "touch"])
+async def test_sighup_or_touch_while_pending_probes_again_and_a_reverted_file_clears_it(
+    pki: PKI, again: str, ca_file: Path, bundle_file: Path, start_sidecar: Any
 ) -> None:
     new = renewal(pki, "http400")
     with MappedUpstream(pki, [pki.client], refuse="http400") as upstream:
         running = await file_route(start_sidecar, upstream.url, bundle_file, ca_file)
-        running.sidecar.routes[0].pending_retry = 60.0  # only the SIGHUP probes again
+        running.sidecar.routes[0].pending_retry = 60.0  # only `again` probes again
         install(bundle_file, new)
         first = (await until_pending(running.url, "rejected"))["pending"]
         assert len(upstream.serials(PROBE_PATH)) == 1
 
-        running.sidecar.reload_all()  # what SIGHUP does
+        if again == "sighup":
+            running.sidecar.reload_all()  # what the SIGHUP handler calls
+        else:
+            later = bundle_file.stat().st_mtime_ns + 1_000_000_000
+            os.utime(bundle_file, ns=(later, later))  # the same content, touched
         await eventually(
             lambda: len(upstream.serials(PROBE_PATH)) == 2, within=2.0, what="a second probe"
         )
-        again = (await until_pending(running.url, "rejected"))["pending"]
-        assert again["sha256"] == first["sha256"] == fingerprint(new.cert)
-        assert again["since"] == first["since"]  # the same renewal, still held back
+        second = (await until_pending(running.url, "rejected"))["pending"]
+        assert second["sha256"] == first["sha256"] == fingerprint(new.cert)
+        assert second["since"] == first["since"]  # the same renewal, still held back
 
         install(bundle_file, pki.client)  # the operator puts the current one back
 
