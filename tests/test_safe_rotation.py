@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ SWITCH_WITHIN = RETRY + 1.0  # the retry interval, and room for a busy machine
 PROBE_PATH = "/odata/v2/"  # credentials.probe_path's default
 API = "/odata/v2/User"  # what the traffic asks for: never the probe's path
 PENDING = "sidecar_client_cert_pending"
+NOT_AFTER = "sidecar_client_cert_not_after_seconds"
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +115,10 @@ async def staged_then_mapped(
             or "rejected" in pending["last_probe"]["message"]
         ), pending
         assert status["sha256"] == fingerprint(old.cert)  # the current one stays
+        assert status["ready"]
         assert await gauge(url, PENDING, route="test") == 1.0
+        # An expiry alert keeps watching the certificate in use, not the pending one.
+        assert await gauge(url, NOT_AFTER, route="test") == old.cert.not_valid_after_utc.timestamp()
         await traffic.more()
         assert new.cert.serial_number not in upstream.serials(API)  # traffic: the old one
 
@@ -131,6 +136,7 @@ async def staged_then_mapped(
     assert status["pending"] is None
     assert status["sha256"] == fingerprint(new.cert)
     assert await gauge(url, PENDING, route="test") == 0.0
+    assert await gauge(url, NOT_AFTER, route="test") == new.cert.not_valid_after_utc.timestamp()
     assert traffic.failures() == [], f"{len(traffic.failures())} of {len(traffic.answers)} failed"
     assert traffic.serials() == [old.cert.serial_number, new.cert.serial_number]
     return traffic
@@ -214,20 +220,25 @@ async def test_expired_current_and_refused_renewal_the_renewal_is_used_and_repor
     assert "cert export-public" in errors[0]
 
 
-@pytest.mark.parametrize("down", ["nothing listening", "connection reset"])
+@pytest.mark.parametrize("down", ["nothing listening", "connection reset", "no answer"])
 async def test_an_unreachable_upstream_leaves_the_renewal_untested_never_rejected(
     pki: PKI,
     down: str,
+    monkeypatch: pytest.MonkeyPatch,
     ca_file: Path,
     bundle_file: Path,
     start_sidecar: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    monkeypatch.setattr("sidecar.runtime.PROBE_TIMEOUT", RETRY / 2)
     new = renewal(pki, "http400")
-    with ResetServer() as resetting:
-        upstream = (
-            f"https://localhost:{free_port()}" if down == "nothing listening" else resetting.url
-        )
+    # "no answer": the kernel completes the TCP handshake, the TLS one never starts.
+    with ResetServer() as resetting, socket.create_server(("127.0.0.1", 0)) as silent:
+        upstream = {
+            "nothing listening": f"https://localhost:{free_port()}",
+            "connection reset": resetting.url,
+            "no answer": f"https://localhost:{silent.getsockname()[1]}",
+        }[down]
         running = await file_route(start_sidecar, upstream, bundle_file, ca_file)
         install(bundle_file, new)
         status = await until_pending(running.url, "inconclusive")
@@ -240,8 +251,11 @@ async def test_an_unreachable_upstream_leaves_the_renewal_untested_never_rejecte
     assert results == {"inconclusive"}
     assert status["sha256"] == final["sha256"] == fingerprint(pki.client.cert)  # no switch
     assert final["pending"]["sha256"] == fingerprint(new.cert)
-    warned = warnings_naming(caplog, logging.WARNING, "could not be tested")
-    assert len(warned) == 1, warned
+    why = {"nothing listening": "cannot connect", "connection reset": "cannot connect",
+           "no answer": "timed out"}[down]  # fmt: skip
+    warned = warnings_naming(caplog, logging.WARNING, "could not be tested", why)
+    assert len(warned) == 1, warned  # once, not at every retry
+    assert why in final["pending"]["last_probe"]["message"]
     assert not warnings_naming(caplog, logging.WARNING, "refused by the upstream")
 
 
