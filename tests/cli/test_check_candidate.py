@@ -8,6 +8,7 @@ the serial of every certificate a request came with.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from sidecar.cli import main
 from sidecar.demo.pki import Issued
 from tests.conftest import PKI, free_port
+from tests.support.fake_btp import FakeBTP, destination_json, serve, write_service_key
 from tests.support.mapping import MappedUpstream, Refusal
 from tests.support.process import check_probe, write_config, write_files
 
@@ -67,6 +69,38 @@ def test_a_refused_candidate_exits_1(pki: PKI, tmp_path: Path, refuse: Refusal) 
         assert "rejected the client certificate" in output
         assert upstream.handshake_errors and not upstream.seen
     assert pki.client.cert.serial_number not in upstream.serials()
+
+
+async def test_a_candidate_for_a_destination_route_goes_to_its_url_with_its_headers(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """The destination still supplies the URL and the headers; its keystore is not used."""
+    name = "sap_hcmcloud_core_odata"
+    write_files(tmp_path, pki)
+    renewed = pki.intermediate.client(CANDIDATE_CN)
+    fake = FakeBTP()
+    with MappedUpstream(pki, [renewed], refuse="http400") as upstream:
+        fake.destinations[name] = destination_json(
+            name, url=upstream.url, keystore=("client.pem", pki.client.btp_bundle()),
+            headers={"successfactors-companyid": "DEST1234"},
+        )  # fmt: skip
+        btp = await serve(fake)
+        try:
+            write_service_key(tmp_path / "key.json", btp.url)
+            config = tmp_path / "sidecar.yaml"
+            config.write_text(
+                f"routes:\n  - name: dest\n    listen: 127.0.0.1:{free_port()}\n"
+                f"    credentials:\n      destination: {{name: {name}, service_key: key.json}}\n"
+                "    tls:\n      ca_file: ca.pem\n"
+            )
+            candidate = str(candidate_file(tmp_path, renewed))
+            code, output = await asyncio.to_thread(check_probe, config, "--candidate", candidate)
+        finally:
+            await btp.runner.cleanup()
+    assert code == 0, output
+    assert "certificate:  ACCEPTED" in output
+    assert upstream.seen == [(PROBE_PATH, renewed.cert.serial_number)]
+    assert b"successfactors-companyid: DEST1234" in upstream.requests[0]
 
 
 def test_an_unreachable_upstream_exits_1_and_says_the_candidate_could_not_be_tested(
