@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.conftest import PKI, Running, eventually, free_port, route_config
 from tests.support.answers import assert_sidecar_error, fetch
 from tests.support.fake_btp import FakeBTP, destination_json, serve, write_service_key
 from tests.support.mapping import MappedUpstream, Refusal, Traffic, gauge, route_status
+from tests.support.process import SidecarProcess, write_config, write_files
 from tests.support.tls_servers import ResetServer
 
 FAST_POLL = 0.1  # seconds between looks at the credential files
@@ -319,6 +321,45 @@ async def test_sighup_or_touch_while_pending_probes_again_and_a_reverted_file_cl
     assert pending == 0.0
     assert answer.status == 200
     assert len(upstream.serials(PROBE_PATH)) == 2  # the current one is not probed
+
+
+async def test_sighup_to_a_running_process_holds_a_refused_renewal_and_switches_once_mapped(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """As operators run it: `run -c FILE`, the renewal dropped in place, `kill -HUP`."""
+    bundle, _ = write_files(tmp_path, pki)
+    new = renewal(pki, "http400")
+    with MappedUpstream(pki, [pki.client], refuse="http400") as upstream:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        config = write_config(tmp_path, upstream=upstream.url, port=port)
+        process = SidecarProcess("run", "-c", str(config), cwd=tmp_path)
+        try:
+            await asyncio.to_thread(process.wait_listening)
+            install(bundle, new)
+            process.proc.send_signal(signal.SIGHUP)
+            status = await until_pending(url, "rejected")
+            assert status["sha256"] == fingerprint(pki.client.cert)
+            assert (await fetch(f"{url}{API}")).status == 200
+
+            upstream.map(new)
+            process.proc.send_signal(signal.SIGHUP)  # no need to wait for the retry
+
+            async def switched() -> bool:
+                return bool((await route_status(url))["sha256"] == fingerprint(new.cert))
+
+            await eventually(switched, within=3.0, what="the renewal in use after SIGHUP")
+            answer = await fetch(f"{url}{API}")
+        finally:
+            process.stop()
+    assert answer.status == 200
+    assert upstream.serials(API) == [pki.client.cert.serial_number, new.cert.serial_number]
+    assert upstream.serials(PROBE_PATH) == [new.cert.serial_number] * 2
+    output = process.output
+    assert "was refused by the upstream" in output
+    assert "mtls-sidecar cert export-public" in output
+    assert "the upstream accepted the renewed client certificate" in output
+    assert "Traceback" not in output
 
 
 # ------------------------------------------------------------------ destination source
