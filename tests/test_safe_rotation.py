@@ -323,6 +323,45 @@ async def test_sighup_or_touch_while_pending_probes_again_and_a_reverted_file_cl
     assert len(upstream.serials(PROBE_PATH)) == 2  # the current one is not probed
 
 
+async def test_a_retry_that_cannot_build_its_tls_context_keeps_the_refresh_loop_alive(
+    pki: PKI,
+    ca_file: Path,
+    bundle_file: Path,
+    start_sidecar: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """tls.ca_file is read again for each probe; missing for a while, it must not end the
+    loop that retries, re-reads the files and answers SIGHUP."""
+    new = renewal(pki, "http400")
+    with MappedUpstream(pki, [pki.client], refuse="http400") as upstream:
+        running = await file_route(start_sidecar, upstream.url, bundle_file, ca_file)
+        install(bundle_file, new)
+        await until_pending(running.url, "rejected")
+        probes = len(upstream.serials(PROBE_PATH))
+        ca = ca_file.read_bytes()
+        ca_file.unlink()  # e.g. a config-management run replacing it
+
+        async def retry_failed() -> bool:
+            return "CA file not found" in str((await route_status(running.url))["last_refresh"])
+
+        await eventually(retry_failed, within=2.0, what="a retry failing for the CA file")
+        await asyncio.sleep(2 * RETRY)
+        assert len(upstream.serials(PROBE_PATH)) == probes  # nothing could be tried
+        ca_file.write_bytes(ca)
+        upstream.map(new)
+
+        async def switched() -> bool:
+            return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
+
+        await eventually(switched, within=SWITCH_WITHIN, what="the renewal in use once mapped")
+        answer = await fetch(f"{running.url}{API}")
+    assert answer.status == 200
+    assert upstream.serials(API) == [new.cert.serial_number]
+    failed = warnings_naming(caplog, logging.ERROR, "CA file not found")
+    assert 1 <= len(failed) <= 6, failed  # once per retry (every RETRY s), no spinning
+    assert not warnings_naming(caplog, logging.ERROR, "background task")
+
+
 async def test_sighup_to_a_running_process_holds_a_refused_renewal_and_switches_once_mapped(
     pki: PKI, tmp_path: Path
 ) -> None:
