@@ -195,18 +195,19 @@ async def test_expired_current_and_refused_renewal_the_renewal_is_used_and_repor
         async def expired() -> bool:
             return not (await route_status(running.url))["ready"]
 
+        async def switched() -> bool:
+            return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
+
         if staged == "before the expiry":  # pending, then tried again once it expired
             install(bundle_file, new)
             status = await until_pending(running.url, "rejected")
             assert status["sha256"] == fingerprint(old.cert)
-        await eventually(expired, within=3.0, what="the current certificate expired")
-        if staged == "after the expiry":
+            await eventually(switched, within=3.0, what="the refused renewal in use")
+            assert dt.datetime.now(dt.UTC) >= old.cert.not_valid_after_utc  # not before
+        else:
+            await eventually(expired, within=3.0, what="the current certificate expired")
             install(bundle_file, new)
-
-        async def switched() -> bool:
-            return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
-
-        await eventually(switched, within=3.0, what="the refused renewal in use")
+            await eventually(switched, within=3.0, what="the refused renewal in use")
         status = await route_status(running.url)
         answer = await fetch(f"{running.url}{API}")
     assert status["pending"] is None and status["ready"]
@@ -375,6 +376,9 @@ async def test_sighup_to_a_running_process_holds_a_refused_renewal_and_switches_
         process = SidecarProcess("run", "-c", str(config), cwd=tmp_path)
         try:
             await asyncio.to_thread(process.wait_listening)
+            # `run` installs its SIGHUP handler only after the "listening" line: a SIGHUP
+            # in between ends the process (reported). Once it answers, the handler is in.
+            assert (await fetch(f"{url}/-/ready")).status == 200
             install(bundle, new)
             process.proc.send_signal(signal.SIGHUP)
             status = await until_pending(url, "rejected")
