@@ -182,13 +182,18 @@ def run(
 
 @main.command()
 @click.option("--port", default=8080, type=click.IntRange(0, 65535), help="Sidecar port.")
+@click.option(
+    "--renewal", is_flag=True,
+    help="Also stage a renewed client certificate the fake does not accept yet: watch it "
+    "pending, upload its chain, see it switch.",
+)  # fmt: skip
 @handle_errors
-def demo(port: int) -> None:
+def demo(port: int, renewal: bool) -> None:
     """Run a fake SuccessFactors API and the sidecar in front of it."""
     from sidecar.demo.app import run_demo
 
     setup_logging(LogConfig(level="info"))
-    _event_loop_runner()(run_demo(port, say=lambda text: click.echo(text)))
+    _event_loop_runner()(run_demo(port, say=lambda text: click.echo(text), renewal=renewal))
 
 
 @main.command()

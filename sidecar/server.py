@@ -112,7 +112,16 @@ class Sidecar:
     async def _serve(self, rt: RouteRuntime) -> None:
         proxy = rt.proxy
         assert proxy is not None
-        admin = Admin(self.config.admin_prefix, rt, proxy, status=self.status, metrics=self.metrics)
+        admin = Admin(
+            self.config.admin_prefix,
+            rt,
+            proxy,
+            status=self.status,
+            metrics=self.metrics,
+            routes=lambda: self.routes,
+            started_at=self.started_at,
+            query_values=self.config.log.query_values,
+        )
 
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
             if admin.matches(request.path):

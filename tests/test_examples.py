@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -30,15 +31,18 @@ import yaml
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
+from prometheus_client import CollectorRegistry
 
 from sidecar.cli import main
 from sidecar.config import Config, parse_config
-from tests.conftest import PKI, Demo, free_port, write_private
+from sidecar.telemetry.metrics import SidecarMetrics
+from tests.conftest import PKI, Demo, free_port, missing_tool, write_private
 from tests.support.fake_btp import CLIENT_ID, CLIENT_SECRET, FakeBTP, destination_json, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "config" / "examples"
 FOLDERS = ("postman", "legacy-script", "docker-compose", "kubernetes", "cloud-foundry")
+MONITORING = ("prometheus",)  # folders beside the setups: no sidecar config of their own
 CONTAINER_CONFIG = PurePosixPath("/etc/mtls-sidecar/sidecar.yaml")  # the image's CMD
 KUBERNETES_VERSION = "1.29"  # native sidecar containers are on by default from here
 
@@ -190,10 +194,12 @@ def referenced_files(config: Config) -> list[PurePosixPath]:
 
 
 def test_every_example_folder_has_a_readme_listed_in_the_index():
-    assert sorted(p.name for p in EXAMPLES.iterdir() if p.is_dir()) == sorted(FOLDERS)
+    folders = (*FOLDERS, *MONITORING)
+    assert sorted(p.name for p in EXAMPLES.iterdir() if p.is_dir()) == sorted(folders)
     index = (EXAMPLES / "README.md").read_text()
-    for folder in FOLDERS:
+    for folder in folders:
         assert (EXAMPLES / folder / "README.md").is_file(), folder
+    for folder in folders:
         assert f"]({folder}/)" in index, folder
 
 
@@ -482,6 +488,102 @@ def test_cloud_foundry_requirements_name_the_wheel_of_this_version():
     lines = (EXAMPLES / "cloud-foundry" / "requirements.txt").read_text().splitlines()
     wheels = [line for line in lines if line.endswith(".whl")]
     assert wheels == [f"./wheels/mtls_sidecar-{__version__}-py3-none-any.whl"]
+
+
+# ----------------------------------------------------------- Prometheus rules
+
+RULES = EXAMPLES / "prometheus" / "rules.yaml"
+#: Prometheus' duration format (with at least one unit)
+DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
+#: the keys a Prometheus alerting rule may have
+RULE_KEYS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+#: labels every sidecar series has once scraped: its own, and Prometheus' target labels
+SERIES_LABELS = {"route", "instance", "job"}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [
+        rule for group in load_yaml("prometheus/rules.yaml")["groups"] for rule in group["rules"]
+    ]
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name a sidecar's /-/metrics can hold (a counter's ``_total`` too)."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count")}
+    registry: CollectorRegistry = SidecarMetrics().registry
+    names = set()
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ()))
+    return names
+
+
+def test_prometheus_rules_have_the_rule_file_structure():
+    doc = load_yaml("prometheus/rules.yaml")
+    assert set(doc) == {"groups"}
+    names = [group["name"] for group in doc["groups"]]
+    assert len(names) == len(set(names)) and all(isinstance(n, str) and n for n in names)
+    for group in doc["groups"]:
+        assert set(group) <= {"name", "interval", "limit", "rules"}, group["name"]
+        assert isinstance(group["rules"], list) and group["rules"], group["name"]
+    rules = alert_rules()
+    assert len({r["alert"] for r in rules}) == len(rules), "alert names repeat"
+    for rule in rules:
+        name = rule.get("alert")
+        assert isinstance(name, str) and re.fullmatch(r"[A-Z][A-Za-z0-9]+", name), rule
+        assert set(rule) == RULE_KEYS - {"keep_firing_for"}, f"{name}: {set(rule)}"
+        assert isinstance(rule["expr"], str) and rule["expr"].strip(), name
+        assert rule["expr"].count("(") == rule["expr"].count(")"), name
+        assert DURATION.fullmatch(rule["for"]), f"{name}: for: {rule['for']!r}"
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert all(isinstance(v, str) for v in rule["labels"].values()), name
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "description"}, name
+        for text in annotations.values():
+            assert isinstance(text, str) and text.count("{{") == text.count("}}"), name
+            used = set(re.findall(r"\$labels\.(\w+)", text))
+            assert used <= SERIES_LABELS, f"{name}: labels the series do not have: {used}"
+        assert "cert export-public" in annotations["description"], f"{name}: what to do?"
+
+
+def test_prometheus_rules_name_metrics_the_sidecar_exports():
+    exported = exported_metric_names()
+    assert "sidecar_requests_total" in exported  # the walk over the registry works
+    for rule in alert_rules():
+        named = set(re.findall(r"\bsidecar_\w+", rule["expr"]))
+        assert named, f"{rule['alert']} watches no sidecar metric"
+        assert named <= exported, f"{rule['alert']}: not exported: {named - exported}"
+
+
+def test_prometheus_rules_thresholds_and_readme_agree():
+    rules = {r["alert"]: r for r in alert_rules()}
+    pending = rules["SidecarRenewedCertificateNotAccepted"]
+    assert pending["expr"] == "sidecar_client_cert_pending == 1" and pending["for"] == "1h"
+    expiry = {
+        r["labels"]["severity"]: r["expr"]
+        for r in rules.values()
+        if "sidecar_client_cert_not_after_seconds" in r["expr"]
+    }
+    assert expiry == {
+        "warning": "sidecar_client_cert_not_after_seconds - time() < 14 * 86400",
+        "critical": "sidecar_client_cert_not_after_seconds - time() < 3 * 86400",
+    }
+    readme = (EXAMPLES / "prometheus" / "README.md").read_text()
+    for name, rule in rules.items():
+        assert f"| `{name}` |" in readme, f"the README's table lacks {name}"
+        assert rule["labels"]["severity"] in readme
+    assert "`sidecar_client_cert_pending == 1`" in readme
+    assert "`sidecar_client_cert_not_after_seconds - time() < 14 * 86400`" in readme
+
+
+def test_prometheus_rules_pass_promtool(tmp_path: Path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing_tool("promtool is not installed (Prometheus' own checker)", ci_installs_it=False)
+    proc = subprocess.run(
+        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # ------------------------------------------- scripts and app against the demo

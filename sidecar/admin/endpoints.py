@@ -2,18 +2,24 @@
 
 ``health`` says the process serves; ``ready`` says the route has a loaded,
 currently valid client certificate (503 with the reason otherwise);
-``status`` is JSON for people, ``metrics`` Prometheus text for machines.
-Probes (health, ready) never need the inbound token; status and metrics do
-when one is configured. Nothing here ever shows a key, password or token.
+``status`` is JSON for people, ``metrics`` Prometheus text for machines; the
+console (the prefix itself, or ``console``) is HTML for people and
+``requests`` its recent requests as JSON. Probes (health, ready) never need the
+inbound token; the others do when one is configured. Nothing here ever shows a
+key, password, token or cookie.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from sidecar import __version__
+from sidecar.admin.console import RouteView, render
+from sidecar.credentials.certinfo import summarize
 from sidecar.forward.failures import (
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
@@ -22,8 +28,9 @@ from sidecar.forward.failures import (
     error_response,
 )
 from sidecar.forward.handler import TOKEN_MISSING
-from sidecar.runtime import RouteRuntime, readiness
+from sidecar.runtime import RouteRuntime, readiness, route_status
 from sidecar.telemetry.metrics import CONTENT_TYPE
+from sidecar.telemetry.recent import STATUS_CLASSES
 
 if TYPE_CHECKING:
     from sidecar.forward.handler import RouteProxy
@@ -41,12 +48,18 @@ class Admin:
         *,
         status: Callable[[], dict[str, object]],
         metrics: SidecarMetrics,
+        routes: Callable[[], Sequence[RouteRuntime]] = lambda: (),
+        started_at: float | None = None,
+        query_values: bool = False,
     ) -> None:
         self.prefix = prefix
         self.runtime = runtime
         self.proxy = proxy
         self.status = status  # the whole sidecar's /-/status document
         self.metrics = metrics
+        self.routes = routes  # every route, for the console
+        self.started_at = time.time() if started_at is None else started_at
+        self.query_values = query_values  # the access log's choice, for /-/requests too
 
     def matches(self, path: str) -> bool:
         return path.startswith(self.prefix)
@@ -73,12 +86,48 @@ class Admin:
             return web.json_response(
                 {"status": "unavailable", "route": route, "reason": reason}, status=503
             )
-        if name in ("status", "metrics"):
+        if name in ("status", "metrics", "", "console", "requests"):
             if not self.proxy.token_ok(request):
                 return error_response(INBOUND_AUTH_REQUIRED, TOKEN_MISSING)
             if name == "status":
                 return web.json_response(self.status())
+            if name == "metrics":
+                return web.Response(
+                    body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
+                )
+            status_class = request.query.get("status")
+            if status_class is not None and status_class not in STATUS_CLASSES:
+                return error_response(
+                    NOT_FOUND, f"status={status_class[:20]!r}: give one of " +
+                    ", ".join(STATUS_CLASSES)
+                )  # fmt: skip
+            requests = self.metrics.recent.as_json(
+                keep_query_values=self.query_values, status_class=status_class
+            )
+            if name == "requests":
+                return web.json_response({"requests": requests})
             return web.Response(
-                body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
+                text=self.console(requests, status_class),
+                content_type="text/html",
+                charset="utf-8",
+                headers={"Cache-Control": "no-store"},
             )
         return error_response(NOT_FOUND, f"no admin endpoint {request.path}")
+
+    def console(self, requests: list[dict[str, object]], status_class: str | None) -> str:
+        views = []
+        for rt in self.routes():
+            generation = rt.client.current
+            chain = [summarize(c) for c in generation.identity.chain] if generation else []
+            views.append(
+                RouteView(route_status(rt), chain, rt.route.credentials.warn_before / 86400)
+            )
+        return render(
+            version=__version__,
+            uptime=time.time() - self.started_at,
+            prefix=self.prefix,
+            routes=views,
+            requests=requests,
+            traffic=self.metrics.traffic.window(),
+            status_class=status_class,
+        )

@@ -2,7 +2,11 @@
 
 In one process: a throwaway PKI in a private temporary directory, the fake
 SuccessFactors API (sidecar.demo.fake_sf) over TLS demanding a client certificate
-from that PKI, and the sidecar in front of it on 127.0.0.1.
+from that PKI and mapping the demo's one, and the sidecar in front of it on
+127.0.0.1. With ``renewal``, the demo then renews the client certificate under
+the sidecar's feet, as the yearly renewal does, before anyone told the fake's
+X.509 mapping: the sidecar keeps the current one and shows the new one as
+pending until its chain is uploaded.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from sidecar.config import (
     Config,
@@ -28,7 +34,7 @@ from sidecar.config import (
     UpstreamURL,
 )
 from sidecar.demo.fake_sf import FakeSuccessFactors, fake_successfactors_app
-from sidecar.demo.pki import DemoPKI, write_demo_pki
+from sidecar.demo.pki import DemoPKI, RenewedClient, write_demo_pki, write_private
 from sidecar.forward.listener import bound_port
 from sidecar.server import Sidecar
 
@@ -60,6 +66,8 @@ async def fake_successfactors(
     """Serve the fake SuccessFactors API on 127.0.0.1 with a PKI made in ``directory``."""
     pki = write_demo_pki(directory)
     state = FakeSuccessFactors(users=users)
+    client = x509.load_pem_x509_certificate(pki.client_chain.read_bytes())
+    state.map_certificate(client.public_bytes(Encoding.DER))  # as done in Security Center
     runner = web.AppRunner(fake_successfactors_app(company_id=company_id, state=state))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(pki))
@@ -83,8 +91,32 @@ def demo_config(upstream: FakeUpstream, port: int) -> Config:
     return Config(routes=(route,))
 
 
-async def run_demo(port: int, say: Callable[[str], None]) -> None:
-    """Run the fake API and the sidecar until SIGINT or SIGTERM."""
+def renew_under_the_sidecar(upstream: FakeUpstream) -> RenewedClient:
+    """Renew the client certificate and put it where the sidecar reads its bundle, in one
+    atomic replace (as a renewal dropped in place does); the fake does not map it yet."""
+    renewed = upstream.pki.renew_client()
+    write_private(upstream.pki.client_bundle, renewed.bundle.read_bytes())
+    return renewed
+
+
+def renewal_steps(local: str, upstream: FakeUpstream, renewed: RenewedClient) -> str:
+    return (
+        "Renewal: a renewed client certificate (same subject, new key) now replaces the\n"
+        f"sidecar's bundle, {upstream.pki.client_bundle}.\n"
+        "The fake SuccessFactors does not accept it yet, so the sidecar keeps the current\n"
+        "one and shows the new one as pending:\n"
+        f"  curl '{local}/-/status'    # the route's \"pending\": new certificate, last probe\n"
+        "Upload its public chain to the fake's X.509 mapping (the sidecar forwards /fake/):\n"
+        f"  curl -X POST --data-binary @{renewed.chain} '{local}/fake/x509-mapping'\n"
+        f"  curl '{local}/fake/x509-mapping'   # the mapped certificates\n"
+        'Then watch /-/status: within a minute "pending" is null and the route\'s\n'
+        "fingerprint is the new one; requests keep working all along.\n\n"
+    )
+
+
+async def run_demo(port: int, say: Callable[[str], None], renewal: bool = False) -> None:
+    """Run the fake API and the sidecar until SIGINT or SIGTERM; with ``renewal``, a
+    renewed client certificate the fake does not accept yet replaces the sidecar's."""
     directory = Path(tempfile.mkdtemp(prefix="mtls-sidecar-demo-"))  # mode 0700
     try:
         async with fake_successfactors(directory) as upstream:
@@ -94,6 +126,9 @@ async def run_demo(port: int, say: Callable[[str], None]) -> None:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, sidecar.request_stop)
             local = f"http://{sidecar.bound_address(sidecar.routes[0])}"
+            steps = ""
+            if renewal:
+                steps = renewal_steps(local, upstream, renew_under_the_sidecar(upstream))
             say(
                 f"Fake SuccessFactors API (demands a client certificate): {upstream.url}\n"
                 f"mtls-sidecar listening on {local} (company id {DEMO_COMPANY_ID})\n\n"
@@ -107,11 +142,14 @@ async def run_demo(port: int, say: Callable[[str], None]) -> None:
                 f"       -d '{NEW_USER}'\n"
                 f"  curl \"{local}/odata/v2/User('demo1')\"\n"
                 f"  curl '{local}/fake/sessions'          # login sessions the fake opened\n\n"
+                f"{steps}"
                 "Press Ctrl-C to stop."
             )
             try:
                 await sidecar.wait()
             finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
                 await sidecar.close()
                 say(
                     f"The fake SuccessFactors opened {upstream.state.sessions_opened} "

@@ -5,6 +5,10 @@ It behaves like the real mTLS API server where a client can tell:
 - it demands a client certificate (the TLS server context does that) and
   answers 401 with SuccessFactors' ``AuthenticationFailed`` error when the
   ``successfactors-companyid`` header is missing or wrong;
+- the X.509 certificate mapping of Security Center: only the client leaf
+  certificates it holds (by SHA-256 fingerprint) are let in; any other one,
+  though issued by a trusted CA, is refused with 401 ``AuthenticationFailed``
+  (the renewed certificate whose chain nobody uploaded yet);
 - it pages ``/User`` on the server side with absolute ``__next`` links, and
   writes every absolute link as ``https://host:PORT/...`` with the port spelled
   out, as the real service does with ``:443``;
@@ -24,10 +28,13 @@ It behaves like the real mTLS API server where a client can tell:
   429 with ``Retry-After: N`` and SuccessFactors' error JSON; no session is
   opened and nothing changes, only the request log records it.
 
-`FakeSuccessFactors` holds the state (users, sessions, a log of requests) for
-the tests and the demo; the app keeps it under `FAKE_SF`, and
-``GET /fake/sessions`` (outside ``/odata``, no company id needed) shows its
-counts as JSON.
+`FakeSuccessFactors` holds the state (users, sessions, a log of requests, the
+certificate mapping) for the tests and the demo; the app keeps it under
+`FAKE_SF`. Outside ``/odata``, for the demo's user (no company id needed, any
+client certificate of the CA): ``GET /fake/sessions`` shows its counts as JSON,
+``POST /fake/x509-mapping`` with a PEM body maps its first certificate (the
+leaf of ``cert export-public``'s chain), ``GET /fake/x509-mapping`` lists the
+mapped subjects and fingerprints.
 """
 
 from __future__ import annotations
@@ -42,9 +49,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.credentials.certinfo import fingerprint
 from sidecar.demo.fake_sf_batch import (
     BatchSyntaxError,
     Changeset,
@@ -62,6 +72,8 @@ PROPERTIES = ("userId", "firstName", "lastName", "email")
 SERVICE_ROOT = "/odata/v2/"
 NODE = "mc-sfdemo-bsfapi-01"  # the node suffix of JSESSIONID, as SuccessFactors' load balancer adds
 WRITES = frozenset({"POST", "PUT", "PATCH", "MERGE", "DELETE"})
+FAKE_ADMIN = "/fake/"  # the demo user's calls: no certificate mapping, no company id
+MAX_MAPPING_UPLOAD = 64 * 1024  # a chain of a few certificates; a key is refused anyway
 # What SAP's servers answer, as text/plain, to a write without a valid token.
 CSRF_REFUSAL = "CSRF token validation failed"
 
@@ -118,8 +130,20 @@ class SeenRequest:
     token: bool
 
 
+def _fingerprint_of(cert: bytes | str) -> str:
+    """``AB:CD:...`` (as ``/-/status`` prints it) of a certificate's DER, or of its
+    SHA-256 fingerprint in hex (colons and case optional)."""
+    if isinstance(cert, bytes):
+        return fingerprint(x509.load_der_x509_certificate(cert))
+    digits = cert.replace(":", "").strip().upper()
+    if len(digits) != 64 or any(c not in "0123456789ABCDEF" for c in digits):
+        raise ValueError(f"not a SHA-256 fingerprint: {cert!r}")
+    return bytes.fromhex(digits).hex(":").upper()
+
+
 class FakeSuccessFactors:
-    """The fake's state: the users, the login sessions and their CSRF tokens, a request log."""
+    """The fake's state: the users, the login sessions and their CSRF tokens, a request
+    log, and the X.509 certificate mapping (the client certificates let in)."""
 
     def __init__(self, *, users: int = 45, log_size: int = 1000, max_sessions: int = 10_000):
         self.users: dict[str, User] = {u["userId"] or "": u for u in make_users(users)}
@@ -128,6 +152,31 @@ class FakeSuccessFactors:
         self.requests: deque[SeenRequest] = deque(maxlen=log_size)
         self._tokens: dict[str, str | None] = {}  # JSESSIONID → its CSRF token, once fetched
         self._max_sessions = max_sessions
+        self._mapped: dict[str, str | None] = {}  # fingerprint → subject, when known
+
+    # ----------------------------------------------------- certificate mapping
+
+    def map_certificate(self, cert: bytes | str) -> str:
+        """Let a client certificate in (its DER, or its SHA-256 fingerprint); its fingerprint."""
+        sha256 = _fingerprint_of(cert)
+        subject = None
+        if isinstance(cert, bytes):
+            subject = x509.load_der_x509_certificate(cert).subject.rfc4514_string()
+        self._mapped[sha256] = subject or self._mapped.get(sha256)
+        return sha256
+
+    def unmap(self, cert: bytes | str) -> None:
+        """Refuse a client certificate from now on (its DER, or its SHA-256 fingerprint)."""
+        self._mapped.pop(_fingerprint_of(cert), None)
+
+    def is_mapped(self, der: bytes) -> bool:
+        return _fingerprint_of(der) in self._mapped
+
+    def mapping(self) -> list[dict[str, str | None]]:
+        """The mapped certificates, as ``GET /fake/x509-mapping`` lists them."""
+        return [{"subject": s, "sha256": f} for f, s in self._mapped.items()]
+
+    # ------------------------------------------------------ sessions and tokens
 
     def has_session(self, session_id: str | None) -> bool:
         return session_id in self._tokens
@@ -177,6 +226,12 @@ def json_reply(data: Any, status: int = 200, *headers: tuple[str, str]) -> Reply
 
 def as_response(reply: Reply) -> web.Response:
     return web.Response(status=reply.status, body=reply.body, headers=CIMultiDict(reply.headers))
+
+
+def authentication_failed(message: str) -> web.Response:
+    return as_response(
+        error_reply(401, "AuthenticationFailed", f"Authentication failed: {message}")
+    )
 
 
 @dataclass(frozen=True)
@@ -403,6 +458,28 @@ def origin(request: web.Request) -> str:
     return f"https://{host}"
 
 
+def peer_certificate(request: web.Request) -> bytes | None:
+    """The DER of the client certificate of the request's TLS connection."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+
+def leaf_of_upload(body: bytes) -> x509.Certificate:
+    """The first certificate of an uploaded PEM chain; a private key is refused."""
+    if b"PRIVATE KEY-----" in body:
+        raise BadRequest(
+            "the upload holds a private key: upload the public chain only, "
+            "from 'mtls-sidecar cert export-public FILE'"
+        )
+    try:
+        return x509.load_pem_x509_certificates(body)[0]
+    except ValueError as exc:
+        raise BadRequest(
+            f"the upload is not a PEM certificate chain ({exc}): upload the file "
+            "'mtls-sidecar cert export-public FILE' writes"
+        ) from exc
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -444,14 +521,20 @@ def fake_successfactors_app(
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if odata(request) and request.headers.get(COMPANY_ID_HEADER) != company_id:
-            return as_response(
-                error_reply(
-                    401,
-                    "AuthenticationFailed",
-                    "Authentication failed: no company id matching the X.509 certificate mapping.",
-                )
+        if request.path.startswith(FAKE_ADMIN):
+            return await handler(request)
+        der = peer_certificate(request)
+        if der is None or not state.is_mapped(der):
+            what = (
+                "no client certificate was presented" if der is None
+                else f"the X.509 certificate {_fingerprint_of(der)} is not mapped to a user"
+            )  # fmt: skip
+            return authentication_failed(
+                f"{what}; upload its public chain to the X.509 certificate mapping "
+                "in Security Center."
             )
+        if odata(request) and request.headers.get(COMPANY_ID_HEADER) != company_id:
+            return authentication_failed("no company id matching the X.509 certificate mapping.")
         return await handler(request)
 
     @web.middleware
@@ -508,11 +591,28 @@ def fake_successfactors_app(
         counts = {"sessions_opened": state.sessions_opened, "requests": state.requests_served}
         return web.json_response(counts)
 
+    async def list_mapping(request: web.Request) -> web.Response:
+        return web.json_response({"certificates": state.mapping()})
+
+    async def add_mapping(request: web.Request) -> web.Response:
+        if (request.content_length or 0) > MAX_MAPPING_UPLOAD:
+            message = f"the upload is larger than {MAX_MAPPING_UPLOAD} bytes: a chain is smaller"
+            return as_response(error_reply(413, "COE_GENERAL_BAD_REQUEST", message))
+        try:
+            leaf = leaf_of_upload(await request.read())
+        except BadRequest as exc:
+            return as_response(error_reply(400, "COE_GENERAL_BAD_REQUEST", str(exc)))
+        sha256 = state.map_certificate(leaf.public_bytes(Encoding.DER))
+        mapped = {"subject": leaf.subject.rfc4514_string(), "sha256": sha256}
+        return web.json_response({"mapped": mapped}, status=201)
+
     app = web.Application(
         middlewares=[record, throttle, authenticate, sessions], client_max_size=8 * 1024**2
     )
     app[FAKE_SF] = state
     app.router.add_route("*", "/odata/v2/$batch", batch)
     app.router.add_route("*", "/odata/v2/{path:.*}", odata_handler)
-    app.router.add_get("/fake/sessions", fake_sessions)
+    app.router.add_get(FAKE_ADMIN + "sessions", fake_sessions)
+    app.router.add_get(FAKE_ADMIN + "x509-mapping", list_mapping)
+    app.router.add_post(FAKE_ADMIN + "x509-mapping", add_mapping)
     return app

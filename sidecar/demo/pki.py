@@ -2,8 +2,10 @@
 
 It mirrors what SAP BTP hands out: a root CA, an intermediate, a client
 certificate with the clientAuth usage, exported as one PEM with the key first
-(``PRIVATE KEY``, leaf, intermediate, root). None of it is secret: every
-certificate is generated on the spot for loopback use.
+(``PRIVATE KEY``, leaf, intermediate, root), and the yearly renewal: the same
+subject with a new key and serial from the same intermediate
+(`DemoPKI.renew_client`). None of it is secret: every certificate is generated
+on the spot for loopback use.
 
 ``python -m sidecar.demo.pki DIR`` writes the files the example config uses (see HELP).
 """
@@ -15,7 +17,7 @@ import datetime as dt
 import ipaddress
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -201,6 +203,14 @@ class CA:
 
 
 @dataclass(frozen=True)
+class RenewedClient:
+    """The files of a renewed client certificate, beside the ones it renews."""
+
+    bundle: Path  # key, leaf, intermediate, root: what the sidecar loads; mode 0600
+    chain: Path  # leaf, intermediate, root: what goes to the X.509 mapping
+
+
+@dataclass(frozen=True)
 class DemoPKI:
     """The files of a ready-made PKI: server side and a BTP-style client bundle."""
 
@@ -209,6 +219,32 @@ class DemoPKI:
     server_key: Path
     client_bundle: Path
     client_chain: Path
+    # Signs renewals; kept in memory only, never written: BTP keeps its CA keys too.
+    issuer: CA = field(repr=False, compare=False)
+
+    def files(self) -> tuple[Path, ...]:
+        return (self.ca_file, self.server_cert, self.server_key, self.client_bundle,
+                self.client_chain)  # fmt: skip
+
+    def renew_client(self) -> RenewedClient:
+        """What a yearly renewal in BTP brings: the client certificate's subject with a
+        new key and serial, from the same intermediate, valid a year longer.
+
+        Writes ``client-bundle-renewed.pem`` (0600) and ``client-chain-renewed.pem``
+        beside the client bundle; the current files are left as they are.
+        """
+        current = x509.load_pem_x509_certificate(self.client_chain.read_bytes())
+        (cn,) = current.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        renewed = self.issuer.client(
+            str(cn.value), not_after=current.not_valid_after_utc + dt.timedelta(days=365)
+        )
+        files = RenewedClient(
+            bundle=self.client_bundle.with_name("client-bundle-renewed.pem"),
+            chain=self.client_chain.with_name("client-chain-renewed.pem"),
+        )
+        files.chain.write_bytes(renewed.chain_pem())
+        write_private(files.bundle, renewed.btp_bundle())
+        return files
 
 
 def write_demo_pki(directory: Path, *, server_hosts: tuple[str, ...] = ()) -> DemoPKI:
@@ -224,20 +260,25 @@ def write_demo_pki(directory: Path, *, server_hosts: tuple[str, ...] = ()) -> De
         server_key=directory / "server.key",
         client_bundle=directory / "client-bundle.pem",
         client_chain=directory / "client-chain.pem",
+        issuer=inter,
     )
     files.ca_file.write_bytes(root.cert_pem())
     files.server_cert.write_bytes(server.chain_pem())
     files.client_chain.write_bytes(client.chain_pem())
-    _write_private(files.server_key, server.key_pem())
-    _write_private(files.client_bundle, client.btp_bundle())
+    write_private(files.server_key, server.key_pem())
+    write_private(files.client_bundle, client.btp_bundle())
     return files
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner reads (0600), atomically: a sidecar watching ``path``
+    sees the old file or the new one, never half of it."""
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, 0o600)
+    os.chmod(partial, 0o600)  # O_CREAT keeps the mode of a partial file left by a crash
+    os.replace(partial, path)
 
 
 HELP = """\
@@ -270,8 +311,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2, usage on stderr)
         return 0 if exc.code in (0, None) else 2
     files = write_demo_pki(args.dir)
-    for f in (files.ca_file, files.server_cert, files.server_key, files.client_bundle,
-              files.client_chain):  # fmt: skip
+    for f in files.files():
         print(f)
     return 0
 

@@ -50,6 +50,7 @@ from sidecar.config import RouteConfig, UpstreamURL
 from sidecar.forward.failures import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
+    ERROR_CODES,
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
     INTERNAL_ERROR,
@@ -78,7 +79,13 @@ from sidecar.forward.rewrite import (
     rewritten_headers,
     should_rewrite,
 )
-from sidecar.forward.session import RETRY_BODY, WRITES, refuses_token, service_root
+from sidecar.forward.session import (
+    RETRY_BODY,
+    WRITES,
+    FetchFailed,
+    refuses_token,
+    service_root,
+)
 from sidecar.forward.upstream import Generation, Target, UpstreamClient
 from sidecar.http_rules import (
     CSRF_HEADER,
@@ -89,6 +96,7 @@ from sidecar.http_rules import (
 )
 from sidecar.telemetry.logs import access_logger, redact_query
 from sidecar.telemetry.metrics import RouteStats
+from sidecar.telemetry.recent import Entry
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -122,6 +130,8 @@ class _Exchange:
     response: web.StreamResponse | None = None  # once its head went out
     recorded: bool = False  # `_record` ran: never twice
     supplied: str = ""  # what the sidecar's session added: "session", "csrf", "csrf-retry"
+    error: str | None = None  # the code of an answer the sidecar gave itself
+    hint: str | None = None
 
     def supply(self, what: str) -> None:
         if what not in self.supplied.split(","):
@@ -287,7 +297,9 @@ class RouteProxy:
         return await self._send(ex, send, None if kept is None else _replay(kept)), b""
 
     async def _fetch_token(self, ex: _Exchange, send: _Send) -> str | None:
-        """``GET`` of the service root with ``X-CSRF-Token: Fetch``, in the session."""
+        """``GET`` of the service root with ``X-CSRF-Token: Fetch``, in the session: the
+        token, None when the upstream offers none, `FetchFailed` when it did not answer
+        usably (no answer, 5xx, 429)."""
         assert send.csrf_root is not None
         generation, root = send.generation, send.csrf_root
         target = root + (f"?{q}" if (q := merge_query("", generation.target.query)) else "")
@@ -315,7 +327,11 @@ class RouteProxy:
             fail = classify(exc, upstream=str(generation.target.upstream))
             log.warning("CSRF token fetch failed (%s); the write goes without a token",
                         fail.message, extra=extra)  # fmt: skip
-            return None
+            raise FetchFailed from exc
+        if answer.status >= 500 or answer.status == 429:  # passing: the next write asks again
+            log.warning("CSRF token fetch at %s answered %d; the write goes without a token",
+                        root, answer.status, extra=extra)  # fmt: skip
+            raise FetchFailed
         token = answer.headers.get(CSRF_HEADER, "").strip()
         if answer.status >= 400 or not token or token.lower() in ("required", "fetch"):
             log.info("the upstream offered no CSRF token at %s (%d); writes go without one",
@@ -548,6 +564,7 @@ class RouteProxy:
     ) -> web.Response:
         response = error_response(code, message, hint, request_id=ex.request_id)
         ex.bytes_out = len(response.body)  # type: ignore[arg-type]
+        ex.error, ex.hint = code, hint or ERROR_CODES[code][1]
         return response
 
     def _failed(self, ex: _Exchange, fail: Failure) -> web.Response:
@@ -587,32 +604,50 @@ class RouteProxy:
         return self._finish(ex, response)
 
     def _finish(self, ex: _Exchange, response: web.StreamResponse) -> web.StreamResponse:
-        self._record(ex, response.status)
+        self._record(ex, response.status, response.headers.get("Content-Type"))
         return response
 
-    def _record(self, ex: _Exchange, status: int) -> None:
-        """The metrics and the access line of one request, whatever its outcome (once)."""
+    def _record(self, ex: _Exchange, status: int, content_type: str | None = None) -> None:
+        """The metrics, the console's entry and the access line of one request, whatever
+        its outcome (once)."""
         if ex.recorded:
             return
         ex.recorded = True
         request = ex.request
-        self.stats.finished(request.method, status, ex.started)
+        elapsed = time.perf_counter() - ex.started
+        self.stats.finished(request.method, status, elapsed)
+        entry = Entry(
+            time.time(),
+            self.route.name,
+            request.method,
+            # The raw (still percent-encoded) path: a decoded %0A must not split a line.
+            request.raw_path,
+            status,
+            round(elapsed * 1000, 2),
+            None if ex.upstream_time is None else round(ex.upstream_time * 1000, 2),
+            bytes_received(request),
+            ex.bytes_out,
+            ex.request_id,
+            ex.error,
+            ex.hint,
+            ex.supplied or None,
+            content_type,
+        )
+        self.stats.recent(entry)
         if access_logger.disabled or not access_logger.isEnabledFor(logging.INFO):
             return
         query = redact_query(request.query_string, keep_values=self._query_values)
-        # The raw (still percent-encoded) path: a decoded %0A must not split the line.
-        path = request.raw_path.partition("?")[0] + (f"?{query}" if query else "")
         fields = {
-            "route": self.route.name,
-            "method": request.method,
-            "path": path,
+            "route": entry.route,
+            "method": entry.method,
+            "path": request.raw_path.partition("?")[0] + (f"?{query}" if query else ""),
             "status": status,
-            "bytes_in": bytes_received(request),
-            "bytes_out": ex.bytes_out,
-            "duration_ms": round((time.perf_counter() - ex.started) * 1000, 2),
-            "upstream_ms": None if ex.upstream_time is None else round(ex.upstream_time * 1000, 2),
-            "request_id": ex.request_id,
-            "supplied": ex.supplied or None,
+            "bytes_in": entry.bytes_in,
+            "bytes_out": entry.bytes_out,
+            "duration_ms": entry.duration_ms,
+            "upstream_ms": entry.upstream_ms,
+            "request_id": entry.request_id,
+            "supplied": entry.supplied,
         }
         access_logger.info(_ACCESS_SUPPLIED if ex.supplied else _ACCESS, fields, extra=fields)
 

@@ -67,6 +67,12 @@ class _Token:
     at: float  # time.monotonic() when fetched
 
 
+class FetchFailed(Exception):
+    """A token fetch got no usable answer (none, or a server error): not remembered,
+    unlike an answer that offers no token, so the next write asks again."""
+
+
+#: the token fetch: the token, None when the upstream offers none, or FetchFailed
 Fetch = Callable[[], Awaitable[str | None]]
 
 
@@ -137,9 +143,13 @@ class UpstreamSession:
         return await self._fetched(root, fetch)
 
     async def fresh_token(self, root: str, refused: str | None, fetch: Fetch) -> str | None:
-        """A token other than ``refused``: fetched anew unless another write already did."""
+        """A token other than ``refused``: fetched anew unless another write already did,
+        or the upstream said lately that it offers none (then None: nothing to resend with)."""
         cached = self._tokens.get(root)
-        if cached is not None and cached.value is not None and cached.value != refused:
+        if cached is not None and (
+            cached.value != refused
+            or (cached.value is None and time.monotonic() - cached.at < NO_TOKEN_AGAIN)
+        ):
             return cached.value
         if root not in self._fetches:
             self._tokens.pop(root, None)
@@ -156,6 +166,8 @@ class UpstreamSession:
     async def _fetch(self, root: str, fetch: Fetch) -> str | None:
         try:
             value = await fetch()
+        except FetchFailed:
+            return None  # this write goes without; the next one asks again
         finally:
             del self._fetches[root]
         if len(self._tokens) >= _ROOTS and root not in self._tokens:

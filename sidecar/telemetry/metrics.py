@@ -21,6 +21,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from sidecar.telemetry.recent import Entry, RequestLog, Traffic
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "MERGE"})
@@ -78,6 +80,10 @@ class SidecarMetrics:
             ["route"], registry=r,
         )  # fmt: skip
 
+        # What the console shows: the last requests and 15 minutes of traffic, all routes.
+        self.recent = RequestLog()
+        self.traffic = Traffic()
+
     def route(self, name: str) -> RouteStats:
         return RouteStats(name, self)
 
@@ -123,7 +129,12 @@ class RouteStats:
         self.in_flight += 1
         return time.perf_counter()
 
-    def finished(self, method: str, status: int, started: float) -> None:
+    def recent(self, entry: Entry) -> None:
+        """The console's record of one request: the recent list and the traffic charts."""
+        self.metrics.recent.add(entry)
+        self.metrics.traffic.add(entry.status, entry.duration_ms / 1000, entry.at)
+
+    def finished(self, method: str, status: int, elapsed: float) -> None:
         self.in_flight -= 1
         self.requests += 1
         key = (method if method in _METHODS else "OTHER", status)
@@ -133,7 +144,7 @@ class RouteStats:
                 self.name, key[0], str(status)
             )
         counter.inc()
-        self._duration_child.observe(time.perf_counter() - started)
+        self._duration_child.observe(elapsed)
 
     def upstream_error(self, kind: str, message: str) -> None:
         self.upstream_errors += 1

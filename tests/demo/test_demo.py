@@ -3,11 +3,15 @@
 In process, the fake (sidecar.demo.app.fake_successfactors) and the sidecar with
 the demo's config answer OData paging through mTLS; the fake alone demands
 the client certificate and the company id. One real ``python -m sidecar
-demo`` process shows the command a new user runs first.
+demo`` process shows the command a new user runs first. ``run_demo`` with
+``renewal`` (in process) stages a renewed certificate the fake does not map yet,
+and says how to upload it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,16 +22,26 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
 from yarl import URL
 
-from sidecar.demo.app import DEMO_COMPANY_ID, FakeUpstream, demo_config, fake_successfactors
+from sidecar.credentials.certinfo import fingerprint
+from sidecar.demo.app import (
+    DEMO_COMPANY_ID,
+    FakeUpstream,
+    demo_config,
+    fake_successfactors,
+    run_demo,
+)
+from sidecar.runtime import RouteRuntime
 from sidecar.server import Sidecar
-from tests.conftest import Demo, free_port
+from tests.conftest import Demo, eventually, free_port
 
 START_TIMEOUT = 20.0
 
@@ -219,3 +233,125 @@ def test_demo_command_serves_users_and_stops_on_sigint(tmp_path: Path) -> None:
     )
     assert closing is not None, out[-3:]
     assert 1 <= int(closing[1]) <= int(closing[2]), closing[0]
+
+
+# ----------------------------------------------------------------- the renewal
+
+
+@dataclasses.dataclass(frozen=True)
+class RenewalDemo:
+    url: str  # the sidecar, http://127.0.0.1:PORT
+    banner: str
+    bundle: Path  # the sidecar's client bundle, the renewed one written over it
+    chain: Path  # the renewed public chain, to upload
+
+
+@contextlib.asynccontextmanager
+async def renewal_demo() -> AsyncIterator[RenewalDemo]:
+    """``run_demo(renewal=True)`` in this loop, stopped (cancelled) on the way out."""
+    said: list[str] = []
+    task = asyncio.get_running_loop().create_task(
+        run_demo(0, said.append, renewal=True), name="renewal-demo"
+    )
+    try:
+        await eventually(lambda: bool(said) or task.done(), within=START_TIMEOUT, what="the banner")
+        if task.done():
+            task.result()  # the demo failed to start: its error, not a missing banner
+        banner = said[0]
+        url = re.search(r"mtls-sidecar listening on (http://127\.0\.0\.1:\d+)", banner)
+        bundle = re.search(r"replaces the\nsidecar's bundle, (\S+)\.\n", banner)
+        upload = re.search(r"curl -X POST --data-binary @(\S+) '(\S+)/fake/x509-mapping'", banner)
+        assert url and bundle and upload, banner
+        assert upload[2] == url[1], banner
+        yield RenewalDemo(url[1], banner, Path(bundle[1]), Path(upload[1]))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def leaf_sha256(pem: Path) -> str:
+    return fingerprint(x509.load_pem_x509_certificates(pem.read_bytes())[0])
+
+
+async def test_the_renewal_demo_stages_a_certificate_and_says_how_to_upload_it() -> None:
+    async with renewal_demo() as demo, aiohttp.ClientSession() as session:
+        assert demo.bundle.is_file() and demo.chain.is_file()
+        assert demo.chain.name == "client-chain-renewed.pem"
+        assert b"PRIVATE KEY" not in demo.chain.read_bytes()
+        # The sidecar's bundle file now holds the renewed certificate, private as before.
+        assert leaf_sha256(demo.bundle) == leaf_sha256(demo.chain)
+        assert os.stat(demo.bundle).st_mode & 0o777 == 0o600
+        for command in (f"curl '{demo.url}/-/status'", f"curl '{demo.url}/fake/x509-mapping'"):
+            assert command in demo.banner
+        assert "within a minute" in demo.banner
+
+        # The upload the banner prints works as printed: through the sidecar.
+        async with session.post(
+            demo.url + "/fake/x509-mapping", data=demo.chain.read_bytes()
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+            assert (await resp.json())["mapped"]["sha256"] == leaf_sha256(demo.chain)
+        mapped = await get_json(session, demo.url + "/fake/x509-mapping")
+        assert leaf_sha256(demo.chain) in [c["sha256"] for c in mapped["certificates"]]
+        assert len(mapped["certificates"]) == 2  # the demo's first one, and the renewed one
+    assert not demo.bundle.parent.exists()  # the private directory goes with the demo
+
+
+async def test_the_renewal_demo_switches_by_itself_once_the_chain_is_uploaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The whole story the banner tells, with the pending certificate probed every 0.2 s
+    # instead of every minute (pending_retry is per route; the demo builds the routes).
+    build = RouteRuntime.__init__
+
+    def quick_retry(self: RouteRuntime, *args: Any, **kwargs: Any) -> None:
+        build(self, *args, **kwargs)
+        self.pending_retry = 0.2
+
+    monkeypatch.setattr(RouteRuntime, "__init__", quick_retry)
+    failures: list[int] = []
+
+    async def users(session: aiohttp.ClientSession, url: str) -> None:
+        async with session.get(url + "/odata/v2/User?$top=1") as resp:
+            await resp.read()
+            if resp.status != 200:
+                failures.append(resp.status)
+
+    async with renewal_demo() as demo, aiohttp.ClientSession() as session:
+        new = leaf_sha256(demo.chain)
+        first = (await get_json(session, demo.url + "/-/status"))["routes"][0]
+        assert first["sha256"] != new
+
+        async def pending() -> dict[str, Any] | None:
+            await users(session, demo.url)
+            route = (await get_json(session, demo.url + "/-/status"))["routes"][0]
+            held: dict[str, Any] | None = route["pending"]
+            return held if held and held["last_probe"]["result"] == "rejected" else None
+
+        async def rejected() -> bool:
+            return await pending() is not None
+
+        await eventually(rejected, within=START_TIMEOUT, what="the renewed certificate pending")
+        held = await pending()
+        assert held is not None and held["sha256"] == new
+        assert "answered 401" in held["last_probe"]["message"]
+        route = (await get_json(session, demo.url + "/-/status"))["routes"][0]
+        assert route["sha256"] == first["sha256"]  # the current one still serves
+        async with session.get(demo.url + "/-/metrics") as resp:
+            assert 'sidecar_client_cert_pending{route="demo"} 1' in await resp.text()
+
+        async with session.post(
+            demo.url + "/fake/x509-mapping", data=demo.chain.read_bytes()
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+
+        async def switched() -> bool:
+            await users(session, demo.url)
+            route = (await get_json(session, demo.url + "/-/status"))["routes"][0]
+            return route["pending"] is None and route["sha256"] == new
+
+        await eventually(switched, within=START_TIMEOUT, what="the switch to the renewed one")
+        async with session.get(demo.url + "/-/metrics") as resp:
+            assert 'sidecar_client_cert_pending{route="demo"} 0' in await resp.text()
+    assert failures == []  # not one request refused across the whole renewal

@@ -2,7 +2,8 @@
 
 Sessions (JSESSIONID and route cookies), CSRF tokens per session, the User
 writes, upsert, ``$batch`` and ``throttle=N`` behave as the real service does
-on the wire; the 401 company-id check still guards ``/odata``. The client keeps
+on the wire; the 401 company-id check still guards ``/odata``, and the X.509
+certificate mapping lets in only the client certificates it holds. The client keeps
 no cookies of its own (a DummyCookieJar): every test says which cookie it sends.
 """
 
@@ -17,14 +18,19 @@ from dataclasses import dataclass, field
 from email.message import Message
 from http.cookies import SimpleCookie
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from multidict import CIMultiDictProxy
 
+from sidecar.credentials.certinfo import fingerprint
 from sidecar.demo.app import DEMO_COMPANY_ID, FakeUpstream, fake_successfactors
-from sidecar.demo.fake_sf import CSRF_REFUSAL, NODE
+from sidecar.demo.fake_sf import CSRF_REFUSAL, NODE, FakeSuccessFactors
+from sidecar.demo.pki import CA
 
 COMPANY = {"successfactors-companyid": DEMO_COMPANY_ID}
 
@@ -70,8 +76,10 @@ class Fake:
         headers: dict[str, str] | None = None,
         body: Any = None,
         data: bytes | None = None,
+        tls: SSLContext | None = None,  # (the field `ssl` hides the module here)
     ) -> Answer:
-        """One request: the company id, the login's cookie and token (or ``token``)."""
+        """One request: the company id, the login's cookie and token (or ``token``);
+        with the demo's client certificate, or the one ``tls`` presents."""
         all_headers = {**COMPANY, **(headers or {})}
         if login is not None:
             all_headers["Cookie"] = login.cookie
@@ -84,7 +92,7 @@ class Fake:
             all_headers.setdefault("Content-Type", "application/json")
         url = self.upstream.url + path
         async with self.http.request(
-            method, url, headers=all_headers, data=data, ssl=self.ssl
+            method, url, headers=all_headers, data=data, ssl=tls or self.ssl
         ) as resp:
             return Answer(resp.status, resp.headers, await resp.read())
 
@@ -99,11 +107,17 @@ class Fake:
         return self.upstream.state.snapshot()
 
 
+def presenting(upstream: FakeUpstream, bundle: Path) -> ssl.SSLContext:
+    """A client TLS context trusting the fake and presenting ``bundle`` (key and chain)."""
+    ctx = ssl.create_default_context(cafile=str(upstream.pki.ca_file))
+    ctx.load_cert_chain(str(bundle))
+    return ctx
+
+
 @pytest.fixture
 async def fake(tmp_path: Path) -> AsyncIterator[Fake]:
     async with fake_successfactors(tmp_path / "sf") as upstream:
-        ctx = ssl.create_default_context(cafile=str(upstream.pki.ca_file))
-        ctx.load_cert_chain(str(upstream.pki.client_bundle))
+        ctx = presenting(upstream, upstream.pki.client_bundle)
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
             yield Fake(upstream, http, ctx)
 
@@ -625,3 +639,95 @@ async def test_the_company_id_check_still_guards_odata(fake: Fake) -> None:
         assert "Set-Cookie" not in answer.headers
     assert "hl1" not in fake.users()
     assert fake.upstream.state.sessions_opened == 1
+
+
+# ------------------------------------------------------ X.509 certificate mapping
+
+
+def leaf_fingerprint(chain: Path) -> str:
+    return fingerprint(x509.load_pem_x509_certificate(chain.read_bytes()))
+
+
+async def mapping(fake: Fake) -> list[dict[str, str]]:
+    answer = await fake.send("GET", "/fake/x509-mapping", headers={"successfactors-companyid": ""})
+    assert answer.status == 200, answer.body
+    assert b"PRIVATE" not in answer.body
+    certificates: list[dict[str, str]] = answer.json()["certificates"]
+    return certificates
+
+
+async def test_a_renewed_certificate_is_refused_until_its_chain_is_uploaded(fake: Fake) -> None:
+    renewed = fake.upstream.pki.renew_client()
+    new_tls = presenting(fake.upstream, renewed.bundle)
+    new_sha256 = leaf_fingerprint(renewed.chain)
+    subject = "CN=sidecar-technical-user,O=SAP Cloud Platform Clients"
+    demo_cert = {"subject": subject, "sha256": leaf_fingerprint(fake.upstream.pki.client_chain)}
+    assert await mapping(fake) == [demo_cert]
+
+    # Issued by the CA the TLS layer trusts, but not mapped: SuccessFactors' 401.
+    refused = await fake.send("GET", "/odata/v2/User?$top=1", tls=new_tls)
+    assert_sf_error(refused, 401, "AuthenticationFailed", "X.509 certificate", "not mapped")
+    assert new_sha256 in refused.json()["error"]["message"]["value"]
+    assert "Set-Cookie" not in refused.headers  # no login session for it
+    assert fake.upstream.state.sessions_opened == 0
+
+    # The demo user uploads the public chain, as in Security Center; no company id needed,
+    # and it may come from the very certificate that is not mapped yet.
+    upload = await fake.send(
+        "POST", "/fake/x509-mapping", data=renewed.chain.read_bytes(), tls=new_tls,
+        headers={"successfactors-companyid": "", "Content-Type": "application/x-pem-file"},
+    )  # fmt: skip
+    assert upload.status == 201, upload.body
+    assert upload.json() == {"mapped": {"subject": subject, "sha256": new_sha256}}
+    assert await mapping(fake) == [demo_cert, {"subject": subject, "sha256": new_sha256}]
+
+    accepted = await fake.send("GET", "/odata/v2/User?$top=1", tls=new_tls)
+    assert accepted.status == 200, accepted.body
+    assert (await fake.send("GET", "/odata/v2/User?$top=1")).status == 200  # both work
+
+    # Removing the old mapping (the end of a renewal) refuses the old certificate.
+    fake.upstream.state.unmap(demo_cert["sha256"].lower().replace(":", ""))
+    old = await fake.send("GET", "/odata/v2/User?$top=1")
+    assert_sf_error(old, 401, "AuthenticationFailed", "not mapped", demo_cert["sha256"])
+    assert (await fake.send("GET", "/odata/v2/User?$top=1", tls=new_tls)).status == 200
+
+
+async def test_the_mapping_also_guards_paths_outside_odata(fake: Fake) -> None:
+    # A probe of the upstream's root learns as much as one of the service root.
+    fake.upstream.state.unmap(leaf_fingerprint(fake.upstream.pki.client_chain))
+    answer = await fake.send("GET", "/")
+    assert_sf_error(answer, 401, "AuthenticationFailed", "not mapped")
+    fake.upstream.state.map_certificate(leaf_fingerprint(fake.upstream.pki.client_chain))
+    assert (await fake.send("GET", "/")).status == 404
+
+
+async def test_an_upload_other_than_a_public_chain_is_400_and_maps_nothing(fake: Fake) -> None:
+    renewed = fake.upstream.pki.renew_client()
+    before = await mapping(fake)
+    for upload, words in (
+        (renewed.bundle.read_bytes(), "holds a private key"),
+        (b"not a certificate", "not a PEM certificate chain"),
+    ):
+        answer = await fake.send("POST", "/fake/x509-mapping", data=upload)
+        assert_sf_error(answer, 400, "COE_GENERAL_BAD_REQUEST", words, "cert export-public")
+    assert await mapping(fake) == before
+    refused = await fake.send("GET", "/odata/v2/", tls=presenting(fake.upstream, renewed.bundle))
+    assert refused.status == 401
+
+
+def test_map_by_fingerprint_and_by_der_are_one_entry() -> None:
+    state = FakeSuccessFactors(users=0)
+    cert = x509.load_pem_x509_certificates(CA.create().cert_pem())[0]
+    der = cert.public_bytes(Encoding.DER)
+    hex_digits = fingerprint(cert).replace(":", "").lower()
+    assert state.map_certificate(hex_digits) == fingerprint(cert)
+    assert state.mapping() == [{"subject": None, "sha256": fingerprint(cert)}]
+    state.map_certificate(der)  # the subject becomes known
+    assert state.mapping() == [
+        {"subject": cert.subject.rfc4514_string(), "sha256": fingerprint(cert)}
+    ]
+    assert state.is_mapped(der)
+    state.unmap(der)
+    assert not state.is_mapped(der) and state.mapping() == []
+    with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+        state.map_certificate("AB:CD")

@@ -4,5 +4,6 @@
 ``answers``: one response as an ``Answer`` and DESIGN.md's error table;
 ``process``: the sidecar as a real ``python -m sidecar`` process and its files;
 ``tls_servers``: blocking TLS servers; ``upstreams``: the aiohttp fake upstream;
-``fake_btp``: fake BTP services. Fixtures live in tests/conftest.py.
+``fake_btp``: fake BTP services; ``admin``: ``/-/status`` and ``/-/metrics`` as read by a
+test. Fixtures live in tests/conftest.py.
 """
