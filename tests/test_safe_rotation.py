@@ -29,15 +29,17 @@ from sidecar.credentials.certinfo import fingerprint
 from sidecar.credentials.sources import FileSource
 from sidecar.demo.pki import Issued
 from tests.conftest import PKI, Running, eventually, free_port, route_config
+from tests.support.admin import metric, route_status
 from tests.support.answers import assert_sidecar_error, fetch
 from tests.support.fake_btp import FakeBTP, destination_json, serve, write_service_key
-from tests.support.mapping import MappedUpstream, Refusal, Traffic, gauge, route_status
+from tests.support.mapping import Load, MappedUpstream, Refusal
 from tests.support.process import SidecarProcess, write_config, write_files
 from tests.support.tls_servers import ResetServer
 
 FAST_POLL = 0.1  # seconds between looks at the credential files
 RETRY = 0.3  # seconds between probes of a pending certificate
 SWITCH_WITHIN = RETRY + 1.0  # the retry interval, and room for a busy machine
+ROUTE = "test"  # route_config's name
 PROBE_PATH = "/odata/v2/"  # credentials.probe_path's default
 API = "/odata/v2/User"  # what the traffic asks for: never the probe's path
 PENDING = "sidecar_client_cert_pending"
@@ -72,12 +74,17 @@ async def file_route(
     )
 
 
-async def until_pending(url: str, result: str) -> dict[str, Any]:
+async def in_use(url: str, issued: Issued, route: str = ROUTE) -> bool:
+    """Whether ``issued`` is the route's certificate now, as ``/-/status`` says."""
+    return bool((await route_status(url, route))["sha256"] == fingerprint(issued.cert))
+
+
+async def until_pending(url: str, result: str, route: str = ROUTE) -> dict[str, Any]:
     """The route's status once its pending certificate's last probe says ``result``."""
     found: dict[str, Any] = {}
 
     async def held() -> bool:
-        found.update(await route_status(url))
+        found.update(await route_status(url, route))
         pending = found["pending"]
         return pending is not None and pending["last_probe"]["result"] == result
 
@@ -101,11 +108,11 @@ def renewal(pki: PKI, refuse: Refusal) -> Issued:
 
 async def staged_then_mapped(
     url: str, upstream: MappedUpstream, old: Issued, new: Issued, stage: Callable[[], None]
-) -> Traffic:
+) -> Load:
     """The whole sequence under load: ``stage()`` the renewal, see it held back while
     the upstream refuses it, map it, see the switch. Returns the traffic, stopped."""
     loop = asyncio.get_running_loop()
-    async with Traffic(f"{url}{API}") as traffic:
+    async with Load(f"{url}{API}") as traffic:
         stage()
         status = await until_pending(url, "rejected")
         pending = status["pending"]
@@ -118,9 +125,9 @@ async def staged_then_mapped(
         ), pending
         assert status["sha256"] == fingerprint(old.cert)  # the current one stays
         assert status["ready"]
-        assert await gauge(url, PENDING, route="test") == 1.0
+        assert await metric(url, PENDING, route=ROUTE) == 1.0
         # An expiry alert keeps watching the certificate in use, not the pending one.
-        assert await gauge(url, NOT_AFTER, route="test") == old.cert.not_valid_after_utc.timestamp()
+        assert await metric(url, NOT_AFTER, route=ROUTE) == old.cert.not_valid_after_utc.timestamp()
         await traffic.more()
         assert new.cert.serial_number not in upstream.serials(API)  # traffic: the old one
 
@@ -134,11 +141,11 @@ async def staged_then_mapped(
         switched_after = loop.time() - mapped_at
         await traffic.more()
     print(f"\nswitched {switched_after:.2f}s after the mapping (retry every {RETRY}s)")
-    status = await route_status(url)
+    status = await route_status(url, ROUTE)
     assert status["pending"] is None
     assert status["sha256"] == fingerprint(new.cert)
-    assert await gauge(url, PENDING, route="test") == 0.0
-    assert await gauge(url, NOT_AFTER, route="test") == new.cert.not_valid_after_utc.timestamp()
+    assert await metric(url, PENDING, route=ROUTE) == 0.0
+    assert await metric(url, NOT_AFTER, route=ROUTE) == new.cert.not_valid_after_utc.timestamp()
     assert traffic.failures() == [], f"{len(traffic.failures())} of {len(traffic.answers)} failed"
     assert traffic.serials() == [old.cert.serial_number, new.cert.serial_number]
     return traffic
@@ -193,22 +200,23 @@ async def test_expired_current_and_refused_renewal_the_renewal_is_used_and_repor
         running = await file_route(start_sidecar, upstream.url, bundle_file, ca_file)
 
         async def expired() -> bool:
-            return not (await route_status(running.url))["ready"]
-
-        async def switched() -> bool:
-            return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
+            return not (await route_status(running.url, ROUTE))["ready"]
 
         if staged == "before the expiry":  # pending, then tried again once it expired
             install(bundle_file, new)
             status = await until_pending(running.url, "rejected")
             assert status["sha256"] == fingerprint(old.cert)
-            await eventually(switched, within=3.0, what="the refused renewal in use")
+            await eventually(
+                lambda: in_use(running.url, new), within=3.0, what="the refused renewal in use"
+            )
             assert dt.datetime.now(dt.UTC) >= old.cert.not_valid_after_utc  # not before
         else:
             await eventually(expired, within=3.0, what="the current certificate expired")
             install(bundle_file, new)
-            await eventually(switched, within=3.0, what="the refused renewal in use")
-        status = await route_status(running.url)
+            await eventually(
+                lambda: in_use(running.url, new), within=3.0, what="the refused renewal in use"
+            )
+        status = await route_status(running.url, ROUTE)
         answer = await fetch(f"{running.url}{API}")
     assert status["pending"] is None and status["ready"]
     assert assert_sidecar_error(answer, "client_certificate_rejected")
@@ -216,7 +224,7 @@ async def test_expired_current_and_refused_renewal_the_renewal_is_used_and_repor
     probes = upstream.serials(PROBE_PATH)  # refused each time: once, or once per retry
     assert set(probes) == {new.cert.serial_number}
     assert len(probes) == 1 if staged == "after the expiry" else len(probes) >= 2
-    assert await gauge(running.url, PENDING, route="test") == 0.0
+    assert await metric(running.url, PENDING, route=ROUTE) == 0.0
     errors = warnings_naming(caplog, logging.ERROR, "the upstream refused it")
     assert len(errors) == 1, errors
     assert "No required SSL certificate was sent" in errors[0]
@@ -248,9 +256,9 @@ async def test_an_unreachable_upstream_leaves_the_renewal_untested_never_rejecte
         results = set()
         for _ in range(3):  # across several retries (every RETRY s)
             await asyncio.sleep(RETRY)
-            results.add((await route_status(running.url))["pending"]["last_probe"]["result"])
-        assert await gauge(running.url, PENDING, route="test") == 1.0
-        final = await route_status(running.url)
+            results.add((await route_status(running.url, ROUTE))["pending"]["last_probe"]["result"])
+        assert await metric(running.url, PENDING, route=ROUTE) == 1.0
+        final = await route_status(running.url, ROUTE)
     assert results == {"inconclusive"}
     assert status["sha256"] == final["sha256"] == fingerprint(pki.client.cert)  # no switch
     assert final["pending"]["sha256"] == fingerprint(new.cert)
@@ -272,13 +280,10 @@ async def test_without_probe_before_switch_a_renewal_is_used_at_once_unprobed(
         )
         install(bundle_file, new)
 
-        async def switched() -> bool:
-            return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
-
-        await eventually(switched, within=2.0, what="the renewal in use")
+        await eventually(lambda: in_use(running.url, new), within=2.0, what="the renewal in use")
         answer = await fetch(f"{running.url}{API}")
-        status = await route_status(running.url)
-        pending = await gauge(running.url, PENDING, route="test")
+        status = await route_status(running.url, ROUTE)
+        pending = await metric(running.url, PENDING, route=ROUTE)
     assert_sidecar_error(answer, "client_certificate_rejected")  # today's behaviour: blind
     assert upstream.serials(API) == [new.cert.serial_number]
     assert upstream.serials(PROBE_PATH) == []  # never probed
@@ -312,11 +317,11 @@ async def test_sighup_or_touch_while_pending_probes_again_and_a_reverted_file_cl
         install(bundle_file, pki.client)  # the operator puts the current one back
 
         async def cleared() -> bool:
-            return (await route_status(running.url))["pending"] is None
+            return (await route_status(running.url, ROUTE))["pending"] is None
 
         await eventually(cleared, within=2.0, what="the pending certificate forgotten")
-        status = await route_status(running.url)
-        pending = await gauge(running.url, PENDING, route="test")
+        status = await route_status(running.url, ROUTE)
+        pending = await metric(running.url, PENDING, route=ROUTE)
         answer = await fetch(f"{running.url}{API}")
     assert status["sha256"] == fingerprint(pki.client.cert)
     assert pending == 0.0
@@ -343,7 +348,9 @@ async def test_a_retry_that_cannot_build_its_tls_context_keeps_the_refresh_loop_
         ca_file.unlink()  # e.g. a config-management run replacing it
 
         async def retry_failed() -> bool:
-            return "CA file not found" in str((await route_status(running.url))["last_refresh"])
+            return "CA file not found" in str(
+                (await route_status(running.url, ROUTE))["last_refresh"]
+            )
 
         await eventually(retry_failed, within=2.0, what="a retry failing for the CA file")
         await asyncio.sleep(2 * RETRY)
@@ -351,10 +358,11 @@ async def test_a_retry_that_cannot_build_its_tls_context_keeps_the_refresh_loop_
         ca_file.write_bytes(ca)
         upstream.map(new)
 
-        async def switched() -> bool:
-            return bool((await route_status(running.url))["sha256"] == fingerprint(new.cert))
-
-        await eventually(switched, within=SWITCH_WITHIN, what="the renewal in use once mapped")
+        await eventually(
+            lambda: in_use(running.url, new),
+            within=SWITCH_WITHIN,
+            what="the renewal in use once mapped",
+        )
         answer = await fetch(f"{running.url}{API}")
     assert answer.status == 200
     assert upstream.serials(API) == [new.cert.serial_number]
@@ -381,17 +389,14 @@ async def test_sighup_to_a_running_process_holds_a_refused_renewal_and_switches_
             assert (await fetch(f"{url}/-/ready")).status == 200
             install(bundle, new)
             process.proc.send_signal(signal.SIGHUP)
-            status = await until_pending(url, "rejected")
+            status = await until_pending(url, "rejected", "cli")
             assert status["sha256"] == fingerprint(pki.client.cert)
             assert (await fetch(f"{url}{API}")).status == 200
 
             upstream.map(new)
             process.proc.send_signal(signal.SIGHUP)  # no need to wait for the retry
 
-            async def switched() -> bool:
-                return bool((await route_status(url))["sha256"] == fingerprint(new.cert))
-
-            await eventually(switched, within=3.0, what="the renewal in use after SIGHUP")
+            await eventually(lambda: in_use(url, new, "cli"), within=3.0, what="the renewal in use")
             answer = await fetch(f"{url}{API}")
         finally:
             process.stop()
@@ -425,7 +430,7 @@ async def test_a_renewed_destination_certificate_is_held_until_mapped_then_used(
         try:
             key = write_service_key(tmp_path / "key.json", btp.url)
             route = RouteConfig(
-                name="test",
+                name=ROUTE,
                 listen=ListenAddress("127.0.0.1", 0),
                 credentials=CredentialsConfig(
                     destination=DestinationRef(name, service_key=key, refresh=FAST_POLL)

@@ -20,7 +20,7 @@ and refuses the others, one of two ways (``refuse``):
 It is the blocking `TLSServer` of tests/support/tls_servers.py (so an alert
 really goes out), keeping connections alive as the real one does.
 
-`Traffic` is the load: concurrent request loops through the sidecar for the
+`Load`: concurrent request loops through the sidecar for the
 whole of a test, recording every answer, so a test can assert that none failed.
 """
 
@@ -32,12 +32,11 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
 import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.demo.pki import Issued
 from tests.conftest import PKI, eventually
@@ -107,10 +106,10 @@ def _root(issued: Issued) -> x509.Certificate:
 
 
 @dataclass
-class Traffic:
+class Load:
     """``loops`` concurrent GETs of ``url`` (the sidecar) until the block ends.
 
-    async with Traffic(f"{running.url}/x") as traffic:
+    async with Load(f"{running.url}/x") as traffic:
         ...
     assert traffic.failures() == []
     """
@@ -124,9 +123,7 @@ class Traffic:
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._loop(), name=f"traffic-{i}") for i in range(self.loops)
-        ]
+        self._tasks = [loop.create_task(self._loop(), name=f"load-{i}") for i in range(self.loops)]
         await eventually(lambda: len(self.answers) >= 2 * self.loops, within=5.0, what="traffic")
         return self
 
@@ -165,23 +162,3 @@ class Traffic:
         """Wait for ``n`` more answers (the traffic goes on across the step just taken)."""
         target = len(self.answers) + n
         await eventually(lambda: len(self.answers) >= target, within=5.0, what=f"{n} more answers")
-
-
-async def route_status(url: str) -> dict[str, Any]:
-    """The first route's entry in the sidecar's ``/-/status``."""
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/-/status") as resp:
-        assert resp.status == 200, await resp.text()
-        route: dict[str, Any] = (await resp.json())["routes"][0]
-        return route
-
-
-async def gauge(url: str, name: str, **labels: str) -> float:
-    """The sample ``name`` with exactly ``labels`` from the sidecar's ``/-/metrics``."""
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/-/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    raise AssertionError(f"no {name}{labels} in\n{text}")
