@@ -52,8 +52,19 @@ def have_module(name: str, python: str = sys.executable) -> bool:
     return r.returncode == 0
 
 
-def ensure_tools(need_pyspy: bool) -> None:
-    """Install nginx, wrk (Debian) and the `speed` extra (uvloop) when missing."""
+# The peers measured next to nginx: variant key -> (label, Debian package, binaries).
+PEERS = {
+    "stunnel": ("stunnel", "stunnel4", ("stunnel4", "stunnel")),
+    "haproxy": ("haproxy", "haproxy", ("haproxy",)),
+}
+
+
+def peer_binary(key: str) -> str | None:
+    return next(filter(None, map(shutil.which, PEERS[key][2])), None)
+
+
+def ensure_tools(need_pyspy: bool, peers: Iterable[str] = ()) -> None:
+    """Install nginx, wrk, the peers asked for (Debian) and the `speed` extra when missing."""
     missing = [
         pkg
         for tool, pkg in (
@@ -63,12 +74,13 @@ def ensure_tools(need_pyspy: bool) -> None:
             ("taskset", "util-linux"),
         )
         if shutil.which(tool) is None
-    ]
+    ] + [PEERS[key][1] for key in peers if peer_binary(key) is None]
     if missing:
         if os.geteuid() != 0:
             sys.exit(f"bench: missing {', '.join(missing)}; install them (apt-get) or run as root")
         log(f"installing Debian packages: {' '.join(missing)}")
-        # Keep the package's init script from starting a system nginx on port 80.
+        # Keep the packages' init scripts from starting a system nginx on port 80, a
+        # haproxy or a stunnel (invoke-rc.d asks policy-rc.d first).
         policy = Path("/usr/sbin/policy-rc.d")
         created = not policy.exists()
         if created:
@@ -620,7 +632,8 @@ def build_rows(
     return rows
 
 
-# The targets of the [performance] issue: (what, row label, "ratio" to nginx or "abs", bound).
+# The targets of the [performance] issue: (what, row label, kind, bound); kind "ratio" is
+# to nginx, "ratio:KEY" to another column (a peer), "abs<=" / "max<=" an absolute bound.
 TARGETS = [
     ("small JSON, 1 conn: ≥ 0.60× nginx req/s", "small JSON (~300 B), 1 conn: requests/s",
      "ratio", 0.60),
@@ -636,6 +649,8 @@ TARGETS = [
      "RSS peak, whole run (MiB)", "abs<=", 64.0),
     ("`Connection: close`, 1 conn: ≥ 0.40× nginx req/s",
      "small JSON, `Connection: close`, 1 conn: requests/s", "ratio", 0.40),
+    ("`Connection: close`, 1 conn: ≥ 5× stunnel req/s ([performance-2])",
+     "small JSON, `Connection: close`, 1 conn: requests/s", "ratio:stunnel", 5.0),
     ("1,000 connections held without error",
      "small JSON (~300 B), 1000 conn: requests/s", "no-errors", 0),
     ("open fds back to the idle count after the load",
@@ -662,8 +677,13 @@ def target_table(rows: list[Row], variants: list[Variant], settle: float) -> lis
             continue
         idle = by_label.get(kind.removeprefix("vs-idle:")) if kind.startswith("vs-idle:") else None
         cells = []
+        ref = kind.removeprefix("ratio:") if kind.startswith("ratio:") else "nginx"
+        if ref not in {v.key for v in variants}:  # a peer left out with --variants
+            cells = [f"n/a (no {ref} column in this run)"] * len(sidecars)
+            out.append(f"| {what} | " + " | ".join(cells) + " |")
+            continue
         for v in sidecars:
-            xs, base = row.values.get(v.key), row.values.get("nginx")
+            xs, base = row.values.get(v.key), row.values.get(ref)
             if kind.startswith("vs-idle:"):
                 base = idle.values.get(v.key) if idle else None
             if not xs or (kind not in ("abs<=", "max<=", "no-errors") and not base):
@@ -679,7 +699,7 @@ def target_table(rows: list[Row], variants: list[Variant], settle: float) -> lis
             elif kind == "max<=":
                 x = max(xs)
                 ok, text = x <= bound, f"{x:.0f} (max)"
-            elif kind == "ratio" and base:
+            elif kind.startswith("ratio") and base:
                 x = med(xs) / med(base)
                 ok = x >= bound and not row.errors.get(v.key)
                 text = f"{x:.2f}×"
@@ -742,6 +762,17 @@ def py_version(module: str, python: str = sys.executable) -> str:
     return r.stdout.strip() if r.returncode == 0 else "not installed"
 
 
+def peer_version(key: str) -> str:
+    binary = peer_binary(key)
+    if binary is None:
+        return "not installed"
+    # stunnel prints its version to stderr, after a line about inetd mode.
+    r = subprocess.run([binary, "-version" if key == "stunnel" else "-v"], capture_output=True)
+    text = (r.stdout + r.stderr).decode(errors="replace")
+    m = re.search(r"^(?:stunnel|HAProxy version) (\S+)", text, re.M)
+    return m.group(1) if m else "?"
+
+
 def machine_facts(python: str) -> dict[str, str]:
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -764,6 +795,7 @@ def machine_facts(python: str) -> dict[str, str]:
         "uvloop": py_version("uvloop", python),
         "openssl (python)": ssl.OPENSSL_VERSION,
         "nginx": first_line(["nginx", "-v"]).replace("nginx version: ", ""),
+        **{key: peer_version(key) for key in PEERS},
         "wrk": first_line(["wrk", "-v"]).split(" [")[0],
         "curl": " ".join(first_line(["curl", "--version"]).split()[:2]),
         "sidecar": f"{git}{' + uncommitted changes in sidecar/' if dirty else ''}",
@@ -780,12 +812,15 @@ def start_all(
     procs: Processes,
     server_cpu: str | None,
     only_sidecar: str | None = None,
+    peers: Iterable[str] = (),
 ) -> tuple[Server, list[Variant], dict[str, int], dict[str, Any]]:
     from sidecar.demo.pki import write_demo_pki  # the project's own throwaway PKI
 
     pki = tmp / "pki"
     write_demo_pki(pki)
-    up_port, direct_port, sink_port, proxy_port, *sc_ports = free_ports(8)
+    ports = free_ports(10)
+    up_port, direct_port, sink_port, proxy_port, stunnel_port, haproxy_port = ports[:6]
+    sc_ports = ports[6:]
     sizes = write_bodies(tmp / "data", f"https://127.0.0.1:{up_port}", args.stream_mib)
     split_bundle(pki / "client-bundle.pem", tmp / "client-cert.pem", tmp / "client-key.pem")
     values = {
@@ -796,6 +831,8 @@ def start_all(
         "DIRECT_PORT": direct_port,
         "SINK_PORT": sink_port,
         "PROXY_PORT": proxy_port,
+        "STUNNEL_PORT": stunnel_port,
+        "HAPROXY_PORT": haproxy_port,
         # Workers run as root too when we are root: the temp dir is private (0700).
         "USER_LINE": "user root;" if os.geteuid() == 0 else "",
         "KEEPALIVE": args.nginx_keepalive,
@@ -803,6 +840,8 @@ def start_all(
     render("nginx-upstream.conf.in", tmp / "upstream.conf", values)
     render("nginx-upstream-locations.conf.in", tmp / "upstream-locations.conf", values)
     render("nginx-proxy.conf.in", tmp / "proxy.conf", values)
+    render("stunnel.conf.in", tmp / "stunnel.conf", values)
+    render("haproxy.cfg.in", tmp / "haproxy.cfg", values)
     ca_ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
 
     logf = tmp / "upstream.log"
@@ -842,6 +881,24 @@ def start_all(
         )
         wait_http(f"http://127.0.0.1:{proxy_port}/small.json", proxy, logf)
         variants.append(Variant("nginx", "nginx proxy", f"http://127.0.0.1:{proxy_port}", proxy))
+        peer_argv = {
+            "stunnel": ([str(peer_binary("stunnel")), str(tmp / "stunnel.conf")], stunnel_port),
+            # -db: foreground; no `log` line in the config, so nothing is logged.
+            "haproxy": (
+                [str(peer_binary("haproxy")), "-db", "-f", str(tmp / "haproxy.cfg")],
+                haproxy_port,
+            ),
+        }
+        for key in PEERS:
+            if key not in peers:
+                continue
+            if peer_binary(key) is None:
+                sys.exit(f"bench: {key} not found; install Debian's {PEERS[key][1]}")
+            argv, port = peer_argv[key]
+            logf = tmp / f"{key}.log"
+            server = procs.start(key, argv, cpu=server_cpu, log_file=logf)
+            wait_http(f"http://127.0.0.1:{port}/small.json", server, logf)
+            variants.append(Variant(key, PEERS[key][0], f"http://127.0.0.1:{port}", server))
     for (key, label, template, loop), port in zip(sidecars, sc_ports, strict=False):
         cfg = tmp / f"{key}.yaml"
         text = template
@@ -887,6 +944,16 @@ def warm(v: Variant, ctx: ssl.SSLContext | None) -> None:
             r.read()
 
 
+SIDECAR_VARIANTS = ("sc-uvloop", "sc-asyncio", "sc-default")
+
+
+def wanted_peers(args: argparse.Namespace) -> list[str]:
+    """The peers --variants asks for (all of them without it; none in profile mode)."""
+    if args.profile is not None:
+        return []
+    return [k for k in PEERS if not args.variants or k in args.variants.split(",")]
+
+
 def run_bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
     ncpu = os.cpu_count() or 1
     load_cpu, server_cpu = ("0", "1") if ncpu >= 2 else (None, None)
@@ -896,7 +963,9 @@ def run_bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
         os.sched_setaffinity(0, {0})  # this script too stays off the servers' core
     facts = machine_facts(args.python)
     log(f"load average at start: {facts['load average at start']}")
-    upstream, variants, sizes, info = start_all(args, tmp, procs, server_cpu)
+    upstream, variants, sizes, info = start_all(
+        args, tmp, procs, server_cpu, peers=wanted_peers(args)
+    )
     if args.variants:
         keep = set(args.variants.split(",")) | {"nginx"}
         variants = [v for v in variants if v.key in keep]
@@ -1017,7 +1086,8 @@ def render_report(
         f"{args.warmup:g} s warm-up; streaming: {args.stream_reps} × {args.stream_mib} MiB "
         "each way with curl; "
         f"{elapsed / 60:.1f} min in all",
-        "- pinning: wrk and curl on CPU 0; the upstream nginx and every proxy on CPU 1 "
+        "- pinning: wrk and curl on CPU 0; the upstream nginx and every proxy (stunnel and "
+        "haproxy included) on CPU 1 "
         "(they share it, as a sidecar shares a container's CPU limit with nothing else here)",
         f"- bodies: small {sizes['small']} B and {sizes['64k']} B of OData-like JSON with "
         f"upstream links; {sizes['big'] // MiB} MiB of random bytes",
@@ -1030,6 +1100,18 @@ def render_report(
         "`proxy_ssl_certificate`, `proxy_ssl_verify on`, `proxy_ssl_session_reuse on`, "
         f"`upstream {{ keepalive {args.nginx_keepalive}; }}`, a `successfactors-companyid` "
         "header added, no request buffering, response buffered in memory only), one worker.",
+        "- **stunnel** (Debian's stunnel4, bench/stunnel.conf.in): `client = yes`, the same "
+        "client certificate, `verifyChain` against the demo CA, `checkHost = localhost`, "
+        "TLS sessions resumed. A TCP tunnel, not an HTTP proxy: it adds no "
+        "`successfactors-companyid` header and gives every client connection an upstream "
+        "TLS connection of its own (no pool), so a `Connection: close` client costs an "
+        "upstream handshake per request. One thread per connection.",
+        "- **haproxy** (bench/haproxy.cfg.in): `mode http`, server `ssl verify required` "
+        "with the demo CA and the client bundle as `crt`, `sni str(localhost)`, the header "
+        "added with `http-request set-header`, `http-reuse always` (a new client's first "
+        "request may use an idle upstream connection, as with nginx's pool; the default "
+        "`safe` would open one per client connection), TLS sessions reused, `nbthread 1`, "
+        "no logging.",
         "- **sidecar uvloop / asyncio**: `mtls-sidecar run` with `rewrite_links: false` and "
         "`log.access_log: false` (the pure proxy cost); asyncio is forced by starting the "
         "same CLI with `import uvloop` made to fail (the CLI has no switch for it).",
@@ -1043,8 +1125,9 @@ def render_report(
         "before it answers 204 (see bench/nginx-upstream-locations.conf.in).",
         "- CPU: utime+stime of the proxy's processes from /proc over the cell, divided by "
         f"the requests; the clock ticks at {CLK_TCK} Hz, so streaming CPU is ±10 ms.",
-        "- RSS: VmRSS/VmHWM from /proc (nginx: master + worker summed); idle = after start "
-        "and three requests; peak = VmHWM over the whole run.",
+        "- RSS: VmRSS/VmHWM from /proc (nginx: master + worker summed; stunnel and haproxy "
+        "are one process each); idle = after start and three requests; peak = VmHWM over "
+        "the whole run.",
         "",
         "Other test suites may have been running on this 2-core machine at the same time; "
         "the load averages above tell how busy it was. Compare columns within this run, "
@@ -1210,7 +1293,7 @@ def main() -> None:
     p.add_argument("--cells", help="comma-separated subset of wrk cells, e.g. small-c1,close-c1")
     p.add_argument(
         "--variants",
-        help="comma-separated subset: sc-uvloop,sc-asyncio,sc-default,direct "
+        help="comma-separated subset: stunnel,haproxy,sc-uvloop,sc-asyncio,sc-default,direct "
         "(nginx is always measured)",
     )
     p.add_argument(
@@ -1249,7 +1332,7 @@ def main() -> None:
     p.add_argument(
         "--profile-variant",
         default=None,
-        choices=["sc-uvloop", "sc-asyncio", "sc-default"],
+        choices=SIDECAR_VARIANTS,
         help="which sidecar --profile runs (default: sc-uvloop when uvloop is installed)",
     )
     p.add_argument(
@@ -1259,8 +1342,12 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.reps, args.duration, args.warmup, args.stream_reps = 1, 2.0, 1.0, 1
+    if args.variants:
+        unknown = set(args.variants.split(",")) - {"nginx", "direct", *PEERS, *SIDECAR_VARIANTS}
+        if unknown:
+            p.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     if not args.no_install:
-        ensure_tools(need_pyspy=args.profile is not None)
+        ensure_tools(need_pyspy=args.profile is not None, peers=wanted_peers(args))
     if args.profile is not None and args.profile_variant is None:
         args.profile_variant = "sc-uvloop" if have_module("uvloop", args.python) else "sc-asyncio"
     sys.path.insert(0, str(REPO))

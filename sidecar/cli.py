@@ -34,6 +34,7 @@ from sidecar.commands.common import (
     write_file,
 )
 from sidecar.commands.destination import destination
+from sidecar.commands.trust import trust
 from sidecar.config import (
     Config,
     LogConfig,
@@ -48,6 +49,7 @@ from sidecar.credentials.sources import CredentialSource, Loaded
 from sidecar.errors import SidecarError, UsageError
 from sidecar.forward.probe import probe as run_probe
 from sidecar.forward.upstream import route_target
+from sidecar.intercept.certificate import route_certificates
 from sidecar.runtime import source_for
 from sidecar.telemetry.logs import setup_logging
 
@@ -170,14 +172,36 @@ def check(config_file: str | None, probe: bool, candidate: Path | None, **flag_v
 )  # fmt: skip
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="Override log.format.")  # fmt: skip
+@click.option("--intercept", is_flag=True,
+              help="Serve CONNECT for the upstreams' own names (https_proxy clients); "
+              "see `trust show`.")  # fmt: skip
 @handle_errors
 def run(
-    config_file: str | None, log_level: str | None, log_format: str | None, **flag_values: Any
+    config_file: str | None,
+    log_level: str | None,
+    log_format: str | None,
+    intercept: bool,
+    **flag_values: Any,
 ) -> None:
     """Serve: plain HTTP on the listeners, mTLS to the upstreams."""
     config = _load(config_file, flag_values)
+    if intercept:
+        config = with_interception(config)
     setup_logging(config.log, level=log_level, fmt=log_format)
+    for i, route in enumerate(config.routes):
+        if route.intercept.enabled and route.upstream is not None:
+            # Made (or found) now: an unwritable cert_dir stops `run` before it serves.
+            route_certificates(route, i).current()
     _event_loop_runner()(server.run(config))
+
+
+def with_interception(config: Config) -> Config:
+    """``run --intercept``: interception on for every route (cert_dir as configured)."""
+    routes = tuple(
+        dataclasses.replace(r, intercept=dataclasses.replace(r.intercept, enabled=True))
+        for r in config.routes
+    )
+    return dataclasses.replace(config, routes=routes)
 
 
 @main.command()
@@ -275,6 +299,7 @@ def init(output: str, force: bool) -> None:
 
 main.add_command(cert)
 main.add_command(destination)
+main.add_command(trust)
 
 
 def run_main() -> None:

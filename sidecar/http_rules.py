@@ -66,3 +66,29 @@ def header_problem(name: str, value: str) -> str | None:
     if has_control(value):
         return "has a line break or control character in its value"
     return None
+
+
+def plain_twin(host: str) -> str | None:
+    """The host name without its ``cert`` label, or None when it has none.
+
+    ``api10.cert.successfactors.com`` → ``api10.successfactors.com``. Only a
+    label with a name before it and a registrable domain (two labels) after it
+    counts, so ``cert.example.com`` has no twin.
+    """
+    labels = host.split(".")
+    for i, label in enumerate(labels):
+        if label.lower() == "cert" and i > 0 and len(labels) - i - 1 >= 2:
+            return ".".join(labels[:i] + labels[i + 1 :])
+    return None
+
+
+def host_and_port(entry: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, ""
+    return host, int(port) if port.isdigit() else 443

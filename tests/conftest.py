@@ -86,6 +86,8 @@ BOTH_LOOPS = frozenset(
         "forward/test_proxy",
         "forward/test_upstream_errors",
         "forward/test_rewrite_proxy",
+        "forward/test_session",
+        "forward/test_intercept",
         "test_hardening",
         "credentials/test_tls_sessions",
         "test_event_loops",  # checks that the loop named in a test id is the one running

@@ -49,7 +49,10 @@ def _in(module: str, package: str) -> bool:
 
 def test_the_walk_sees_the_packages() -> None:
     graph = _imports()
-    for package in ("sidecar.config", "sidecar.credentials", "sidecar.forward", "sidecar.demo"):
+    for package in (
+        "sidecar.config", "sidecar.credentials", "sidecar.forward", "sidecar.demo",
+        "sidecar.intercept",
+    ):  # fmt: skip
         assert package in graph, package
     assert "sidecar.forward.handler" in graph["sidecar.runtime"]
 
@@ -88,6 +91,13 @@ def test_no_import_cycles() -> None:
         ("sidecar.config", "sidecar.credentials"),
         ("sidecar.config", "sidecar.telemetry"),
         ("sidecar.config", "sidecar.runtime"),
+        ("sidecar.config", "sidecar.intercept"),
+        ("sidecar.credentials", "sidecar.intercept"),
+        ("sidecar.intercept", "sidecar.runtime"),
+        ("sidecar.intercept", "sidecar.server"),
+        ("sidecar.intercept", "sidecar.admin"),
+        ("sidecar.intercept", "sidecar.credentials"),
+        ("sidecar.intercept", "sidecar.forward"),
     ],
 )
 def test_lower_packages_never_import_higher_ones(importer: str, imported: str) -> None:

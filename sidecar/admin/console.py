@@ -104,7 +104,12 @@ def _certificate(view: RouteView, now: dt.datetime) -> str:
     not_before = dt.datetime.fromisoformat(leaf.not_before)
     not_after = dt.datetime.fromisoformat(leaf.not_after)
     tone = _tone(leaf, view.warn_before_days)
-    days = f"expired {-leaf.days_left} days ago" if leaf.expired else f"{leaf.days_left} days left"
+    if leaf.expired:
+        # days_left is floored (-0.1 days is -1): the days since are counted from not_after
+        ago = max(int((now - not_after).total_seconds() // 86400), 0)
+        days = f"expired {_days(ago)} ago" if ago else "expired today"
+    else:
+        days = f"{_days(leaf.days_left)} left"
     rows = "".join(
         f"<tr><td>{'leaf' if i == 0 else ('root' if c.self_signed else 'intermediate')}</td>"
         f"<td>{escape(c.subject)}</td><td>{escape(c.issuer)}</td>"
@@ -239,6 +244,10 @@ def _tone(cert: CertSummary, warn_before_days: float) -> str:
     if cert.expired or cert.not_yet_valid:
         return "bad"
     return "warn" if cert.days_left < warn_before_days else "ok"
+
+
+def _days(n: int) -> str:
+    return "1 day" if n == 1 else f"{n} days"
 
 
 def _duration(seconds: float) -> str:

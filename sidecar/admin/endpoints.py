@@ -4,9 +4,10 @@
 currently valid client certificate (503 with the reason otherwise);
 ``status`` is JSON for people, ``metrics`` Prometheus text for machines; the
 console (the prefix itself, or ``console``) is HTML for people and
-``requests`` its recent requests as JSON. Probes (health, ready) never need the
-inbound token; the others do when one is configured. Nothing here ever shows a
-key, password, token or cookie.
+``requests`` its recent requests as JSON; ``intercept.pem`` is the interception
+certificate https_proxy clients trust (404 when interception is off). Probes
+(health, ready) and the certificate never need the inbound token; the others do
+when one is configured. Nothing here ever shows a key, password, token or cookie.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.admin.console import RouteView, render
 from sidecar.credentials.certinfo import summarize
+from sidecar.errors import ConfigError
 from sidecar.forward.failures import (
+    CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
     INBOUND_AUTH_REQUIRED,
     METHOD_NOT_ALLOWED,
@@ -28,6 +31,7 @@ from sidecar.forward.failures import (
     error_response,
 )
 from sidecar.forward.handler import TOKEN_MISSING
+from sidecar.intercept.certificate import route_certificates
 from sidecar.runtime import RouteRuntime, readiness, route_status
 from sidecar.telemetry.metrics import CONTENT_TYPE
 from sidecar.telemetry.recent import STATUS_CLASSES
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 
 
 class Admin:
-    """Answers ``{prefix}health|ready|status|metrics`` for one route's listener."""
+    """Answers ``{prefix}health|ready|status|metrics|intercept.pem`` for one route's listener."""
 
     def __init__(
         self,
@@ -86,6 +90,8 @@ class Admin:
             return web.json_response(
                 {"status": "unavailable", "route": route, "reason": reason}, status=503
             )
+        if name == "intercept.pem":
+            return self.intercept_pem()
         if name in ("status", "metrics", "", "console", "requests"):
             if not self.proxy.token_ok(request):
                 return error_response(INBOUND_AUTH_REQUIRED, TOKEN_MISSING)
@@ -131,3 +137,20 @@ class Admin:
             traffic=self.metrics.traffic.window(),
             status_class=status_class,
         )
+
+    def intercept_pem(self) -> web.StreamResponse:
+        """The interception certificate (and its successor near expiry): public, no token."""
+        route = self.runtime.route
+        if not route.intercept.enabled:
+            return error_response(
+                NOT_FOUND,
+                f"interception is off for route {route.name}: no certificate to trust",
+                "turn it on with `intercept: {enabled: true}` or `mtls-sidecar run --intercept`",
+            )
+        generation = self.proxy.client.current
+        upstream = generation.target.upstream if generation else route.upstream
+        try:
+            pem = route_certificates(route, self.runtime.index, upstream).pem()
+        except ConfigError as exc:
+            return error_response(CREDENTIALS_UNAVAILABLE, exc.message, exc.hint)
+        return web.Response(body=pem, headers={"Content-Type": "application/x-pem-file"})

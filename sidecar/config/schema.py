@@ -111,6 +111,14 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
+class InterceptConfig:
+    """Serving CONNECT for the upstream's own names, for clients that only speak https."""
+
+    enabled: bool = False
+    cert_dir: Path | None = None  # None: the user state dir (sidecar.intercept.certificate)
+
+
+@dataclass(frozen=True)
 class ListenAddress:
     host: str
     port: int
@@ -168,6 +176,7 @@ class RouteConfig:
     inbound: InboundConfig = field(default_factory=InboundConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
+    intercept: InterceptConfig = field(default_factory=InterceptConfig)
 
 
 @dataclass(frozen=True)

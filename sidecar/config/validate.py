@@ -22,6 +22,7 @@ from sidecar.config.schema import (
     CredentialsConfig,
     DestinationRef,
     InboundConfig,
+    InterceptConfig,
     LimitsConfig,
     ListenAddress,
     LogConfig,
@@ -250,7 +251,7 @@ class Reader:
         keys = (
             "name", "listen", "upstream", "company_id", "headers", "query", "credentials",
             "tls", "rewrite_links", "rewrite_hosts", "timeouts", "inbound", "limits",
-            "session",
+            "session", "intercept",
         )  # fmt: skip
         m = self.mapping(path, v, keys)
         if v.value is None:
@@ -302,6 +303,7 @@ class Reader:
             limits=self.limits(f"{path}.limits", m.get("limits")),
             inbound=inbound,
             session=self.session(f"{path}.session", m.get("session")),
+            intercept=self.intercept(f"{path}.intercept", m.get("intercept")),
         )
 
     def session(self, path: str, v: Raw | None) -> SessionConfig:
@@ -309,6 +311,13 @@ class Reader:
         return SessionConfig(
             reuse=self.boolean(f"{path}.reuse", m.get("reuse"), True),
             csrf=self.boolean(f"{path}.csrf", m.get("csrf"), True),
+        )
+
+    def intercept(self, path: str, v: Raw | None) -> InterceptConfig:
+        m = self.mapping(path, v, ("enabled", "cert_dir"))
+        return InterceptConfig(
+            enabled=self.boolean(f"{path}.enabled", m.get("enabled"), False),
+            cert_dir=self.path(f"{path}.cert_dir", m.get("cert_dir")),
         )
 
     def credentials(self, path: str, v: Raw | None, route: Raw) -> CredentialsConfig:

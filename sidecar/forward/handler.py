@@ -2,9 +2,10 @@
 
 For each request on a route's listener:
 
-1. refuse what must not be forwarded (CONNECT, absolute-form targets for
-   other hosts, a missing inbound token, no valid identity, a malformed
-   target or header);
+1. refuse what must not be forwarded (CONNECT, unless interception serves it
+   for one of the upstream's names: then a `Tunnel`, see `_connect`;
+   absolute-form targets for other hosts, a missing inbound token, no valid
+   identity, a malformed target or header);
 2. build the upstream request from the current `Generation`'s `Target`: raw
    path behind the upstream's prefix, the query plus the route's parameters,
    filtered headers plus the route's;
@@ -47,6 +48,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.config import RouteConfig, UpstreamURL
+from sidecar.errors import ConfigError
 from sidecar.forward.failures import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
@@ -70,7 +72,15 @@ from sidecar.forward.headers import (
     undecodable_header,
     upstream_request_headers,
 )
-from sidecar.forward.listener import Relayed, RelayedStream, bytes_received, reset, send_continue
+from sidecar.forward.listener import (
+    Relayed,
+    RelayedStream,
+    Tunnel,
+    bytes_received,
+    intercepted,
+    reset,
+    send_continue,
+)
 from sidecar.forward.pool import UpstreamResponse
 from sidecar.forward.rewrite import (
     BodyDecodeError,
@@ -94,7 +104,10 @@ from sidecar.http_rules import (
     REQUEST_ID_VALUE,
     TOKEN_HEADER,
 )
-from sidecar.telemetry.logs import access_logger, redact_query
+from sidecar.intercept.certificate import route_certificates
+from sidecar.intercept.names import upstream_names
+from sidecar.intercept.tunnel import connect_target, proxy_password
+from sidecar.telemetry.logs import access_logger, redact_query, without_userinfo
 from sidecar.telemetry.metrics import RouteStats
 from sidecar.telemetry.recent import Entry
 
@@ -178,8 +191,11 @@ class RouteProxy:
         )
 
     def token_ok(self, request: web.BaseRequest) -> bool:
-        """True unless a token is configured and the request lacks it (constant time)."""
-        if self._token is None:
+        """True unless a token is configured and the request lacks it (constant time).
+
+        Requests inside a CONNECT tunnel have it: the CONNECT needed it.
+        """
+        if self._token is None or intercepted(request):
             return True
         # surrogateescape: a header with non-UTF-8 bytes is just a wrong token
         given = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape")
@@ -203,6 +219,8 @@ class RouteProxy:
 
     async def _forward(self, ex: _Exchange) -> web.StreamResponse:
         request = ex.request
+        if request.method == "CONNECT":
+            return self._finish(ex, self._connect(ex))
         try:
             generation, path = self._prepare(request)
         except _Refused as refused:
@@ -254,7 +272,7 @@ class RouteProxy:
             drop=generation.target.drop,
             set_headers=generation.target.set_headers,
             request_id=ex.request_id,
-            rewriting=bool(generation.target.rewrite_bases),
+            rewriting=bool(generation.target.rewrite_bases) and not intercepted(ex.request),
         )
         if send.governed:
             if send.csrf_root is not None:
@@ -264,9 +282,12 @@ class RouteProxy:
                 if token is not None:
                     headers[CSRF_HEADER] = send.token = token
                     ex.supply("csrf")
+            # Replaces cookies the client echoed back: they are the sidecar's, maybe of an
+            # earlier session (before a rotation), never to be sent with another identity.
             cookie = session.cookie_header(send.path)
+            headers.popall("Cookie", None)
             if cookie is not None:
-                headers["Cookie"] = cookie  # replaces cookies the client echoed back
+                headers["Cookie"] = cookie
                 ex.supply("session")
         upstream = await generation.pool.request(ex.request.method, send.target, headers, body)
         if send.governed:
@@ -355,10 +376,6 @@ class RouteProxy:
         if request.version not in _VERSIONS:
             raise _Refused(BAD_REQUEST, f"HTTP/{request.version[0]}.{request.version[1]} is "
                            "not served; send HTTP/1.1 (or 1.0)")  # fmt: skip
-        if request.method == "CONNECT":
-            raise _Refused(
-                FORBIDDEN_TARGET, "CONNECT tunnels are not served: the sidecar is not an open proxy"
-            )
         foreign = self.foreign_target(request)
         if foreign is not None:
             raise _Refused(FORBIDDEN_TARGET, foreign)
@@ -399,6 +416,71 @@ class RouteProxy:
         path = target.upstream.path_prefix + path + (f"?{query}" if query else "")
         return generation, path
 
+    def _connect(self, ex: _Exchange) -> web.StreamResponse:
+        """CONNECT: a tunnel into the interception's TLS for an upstream name, else refused.
+
+        Never a blind tunnel: the sidecar terminates TLS itself and serves each
+        request inside like a plain one (`sidecar.forward.listener.open_tunnel`).
+        """
+        try:
+            return self._tunnel(ex.request)
+        except _Refused as refused:
+            refusal = self._answer(ex, refused.code, refused.message, refused.hint)
+            refusal.force_close()  # nothing after a refused CONNECT is read
+            return refusal
+
+    def _tunnel(self, request: web.BaseRequest) -> Tunnel:
+        route = self.route
+        if not route.intercept.enabled or intercepted(request):
+            raise _Refused(
+                FORBIDDEN_TARGET,
+                "CONNECT tunnels are not served: the sidecar is not an open proxy",
+                "for https_proxy clients of the upstream, turn on interception "
+                "(intercept.enabled, or run --intercept)"
+                if not intercepted(request)
+                else None,
+            )
+        generation = self.client.current
+        upstream = generation.target.upstream if generation else route.upstream
+        names = upstream_names(upstream, route.rewrite_hosts) if upstream else ()
+        target = connect_target(request.raw_path)
+        if target is None or target not in names:
+            served = ", ".join(map(str, names)) or "none known yet"
+            raise _Refused(
+                FORBIDDEN_TARGET,
+                f"CONNECT {request.raw_path[:100]!r} is not served: only the route's upstream "
+                f"names are ({served}); the sidecar is not an open proxy",
+            )
+        if not self.token_ok(request) and not self._proxy_token_ok(request):
+            raise _Refused(
+                INBOUND_AUTH_REQUIRED,
+                f"{TOKEN_MISSING}, or Proxy-Authorization: Basic with the token as password",
+                "use a proxy URL like http://sidecar:TOKEN@127.0.0.1:8080",
+            )
+        reason = self._unavailable()
+        if generation is None or reason is not None:
+            raise _Refused(
+                CREDENTIALS_UNAVAILABLE,
+                f"route {route.name}: {reason or 'no valid client certificate'}",
+            )
+        certificates = route_certificates(route, None, upstream)
+        try:
+            context = certificates.server_context()
+        except ConfigError as exc:  # e.g. the certificate expired and cert_dir is read-only
+            raise _Refused(CREDENTIALS_UNAVAILABLE, exc.message, exc.hint) from None
+        return Tunnel(
+            context,
+            str(target),
+            timeout=route.limits.header_timeout,
+            foreign_name=certificates.foreign_server_name,
+        )
+
+    def _proxy_token_ok(self, request: web.BaseRequest) -> bool:
+        password = proxy_password(request.headers.get("Proxy-Authorization"))
+        if self._token is None or password is None:
+            return False
+        return hmac.compare_digest(password.encode("utf-8", "surrogateescape"), self._token)
+
     async def _relay(
         self, ex: _Exchange, upstream: UpstreamResponse, target: Target, read: bytes = b""
     ) -> web.StreamResponse:
@@ -432,7 +514,8 @@ class RouteProxy:
             )
             return self._failed(ex, failure(UPSTREAM_BAD_RESPONSE, message, "protocol"))
         body: BodyRewriter | None = None
-        if target.rewrite_bases:
+        # Inside a CONNECT tunnel the client uses the upstream's own names: nothing to rewrite.
+        if target.rewrite_bases and not intercepted(request):
             body, headers = self._rewriting(request, upstream, target, headers)
         headers[REQUEST_ID_HEADER] = ex.request_id
         if upstream.status == 401:
@@ -640,7 +723,8 @@ class RouteProxy:
         fields = {
             "route": entry.route,
             "method": entry.method,
-            "path": request.raw_path.partition("?")[0] + (f"?{query}" if query else ""),
+            "path": without_userinfo(request.raw_path.partition("?")[0])
+            + (f"?{query}" if query else ""),
             "status": status,
             "bytes_in": entry.bytes_in,
             "bytes_out": entry.bytes_out,
@@ -648,16 +732,19 @@ class RouteProxy:
             "upstream_ms": entry.upstream_ms,
             "request_id": entry.request_id,
             "supplied": entry.supplied,
+            "intercepted": intercepted(request),
         }
-        access_logger.info(_ACCESS_SUPPLIED if ex.supplied else _ACCESS, fields, extra=fields)
+        tail = f" supplied={entry.supplied}" if entry.supplied else ""
+        tail += " intercepted" if fields["intercepted"] else ""
+        access_logger.info(_ACCESS + tail.replace("%", "%%"), fields, extra=fields)
 
 
+# ...then " supplied=session,csrf" (what the sidecar's session added) and " intercepted"
+# (a request inside a CONNECT tunnel), when they apply.
 _ACCESS = (
     "%(route)s %(method)s %(path)s %(status)d in=%(bytes_in)d out=%(bytes_out)d "
     "%(duration_ms)sms upstream=%(upstream_ms)sms id=%(request_id)s"
 )
-# ... and what the sidecar's session supplied (cookies, CSRF token, a resend)
-_ACCESS_SUPPLIED = _ACCESS + " supplied=%(supplied)s"
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _FETCH_BODY = 1024 * 1024  # bytes of a token fetch's answer read (dropped): more closes it
 

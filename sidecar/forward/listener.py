@@ -46,6 +46,21 @@ aiohttp internals this module relies on (checked against aiohttp 3.14):
   tests/forward/test_request_parsing.py pins it);
 - the tests swap ``web_protocol.HttpRequestParser`` to run both parsers.
 
+Interception (``intercept.enabled``): the proxy answers a CONNECT it serves
+with a `Tunnel`; `open_tunnel` then sends the 200 itself, makes sure the
+client speaks TLS (a peek at its first byte through a duplicate of the
+socket, so nothing is consumed: plain HTTP gets a JSON 400 and the
+connection closes), and hands the socket to ``loop.start_tls`` (server side,
+the interception certificate, ALPN http/1.1, bounded by ``header_timeout``).
+The TLS connection gets a new `_Protocol` of the same listener, marked with
+the tunnel's target (`intercepted`), so each request inside takes the very
+same path as a plain one; the CONNECT's own protocol lets go of the socket
+without closing it (`_Protocol.hand_over`). This relies on the CONNECT
+protocol's ``_message_tail`` (what the client sent after the CONNECT head,
+which aiohttp keeps unparsed), ``_manager.connection_lost`` (forgetting a
+connection) and ``force_close`` with no transport; on asyncio and uvloop,
+``start_tls`` not calling ``connection_made`` itself.
+
 The response side (the end of this module, used by the proxy) relies on:
 ``StreamResponse._prepare_headers`` overridden, a connection reset through
 ``request.transport`` (``SO_LINGER`` 0, then ``abort()``), and
@@ -60,8 +75,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import socket
+import ssl
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -244,6 +261,7 @@ class _Protocol(RequestHandler):
     _between_requests = False  # the next bytes start a new request head
     waiting = False  # for a slot (ListenerServer.admit)
     _held = b""  # what was read while waiting
+    tunnel: str | None = None  # inside a CONNECT tunnel: its target (``host:port``)
 
     def __init__(self, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -311,6 +329,31 @@ class _Protocol(RequestHandler):
         self._listener.release(self)
         super().connection_lost(exc)
 
+    def inside(self, target: str) -> _Protocol:
+        """A new connection of this listener, for the requests inside a tunnel to ``target``."""
+        inner = self._listener()
+        assert isinstance(inner, _Protocol)
+        inner.tunnel = target
+        return inner
+
+    def hand_over(self) -> None:
+        """The socket now carries a tunnel's TLS: let go of it without closing it."""
+        self.head_received()
+        self._listener.release(self)
+        manager = self._manager
+        self.transport = None
+        self.force_close()  # this request is the last; with no transport, nothing is closed
+        if manager is not None:
+            manager.connection_lost(self, None)
+
+    def early_bytes(self, request: web.BaseRequest) -> bool:
+        """Did the client send bytes after its CONNECT head before the 200?
+
+        llhttp leaves them unparsed (``_message_tail``); the pure-Python parser
+        makes them the CONNECT's body.
+        """
+        return bool(self._message_tail) or bytes_received(request) > 0
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -364,7 +407,15 @@ class ListenerServer(web.Server):
                     )
                     refusal.force_close()
                     return refusal
-                return await handler(request)
+                if request.method == "CONNECT":
+                    # llhttp gives a CONNECT no body; the pure-Python parser one that never
+                    # ends (what follows belongs to the tunnel), which would keep a refused
+                    # CONNECT's connection open for aiohttp's lingering time.
+                    request.content.feed_eof()
+                response = await handler(request)
+                if isinstance(response, Tunnel) and isinstance(protocol, _Protocol):
+                    await open_tunnel(request, protocol, response)
+                return response
             finally:
                 if isinstance(protocol, _Protocol):
                     protocol.response_done()
@@ -425,6 +476,158 @@ async def start_listener(
         await runner.cleanup()
         raise
     return runner, site
+
+
+# ---- CONNECT tunnels (interception)
+
+_TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection: a handshake record
+
+
+class Tunnel(web.StreamResponse):
+    """The proxy's answer to a CONNECT that interception serves: 200, then TLS.
+
+    `open_tunnel` writes the 200 itself (no Content-Length: RFC 9110 9.3.6), so
+    aiohttp's own prepare and write_eof do nothing here.
+    """
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        target: str,
+        *,
+        timeout: float,
+        foreign_name: Callable[[object], str | None] = lambda _: None,
+    ) -> None:
+        super().__init__(status=200, reason="Connection established")
+        self.context = context
+        self.target = target
+        self.timeout = timeout  # the client's TLS handshake must be done this soon
+        self.foreign_name = foreign_name  # the SNI the TLS asked for, if not one we serve
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def intercepted(request: web.BaseRequest) -> bool:
+    """Did ``request`` arrive inside a CONNECT tunnel (interception)?"""
+    protocol = request.protocol
+    return isinstance(protocol, _Protocol) and protocol.tunnel is not None
+
+
+async def open_tunnel(request: web.BaseRequest, protocol: _Protocol, tunnel: Tunnel) -> None:
+    """Send the 200, check that TLS follows, and serve HTTP/1.1 inside it."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return
+    if protocol.early_bytes(request):
+        log.info("closing the CONNECT tunnel to %s: the client sent data before the 200",
+                 tunnel.target)  # fmt: skip
+        transport.close()
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + tunnel.timeout
+    transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    transport.pause_reading()  # the client's first bytes stay in the socket for TLS
+    try:
+        first = await _peek(transport, tunnel.timeout)
+    except TimeoutError:
+        log.info("closing the CONNECT tunnel to %s: no TLS handshake within %.1fs "
+                 "(limits.header_timeout)", tunnel.target, tunnel.timeout)  # fmt: skip
+        transport.close()
+        return
+    if first == b"":
+        transport.close()  # the client left
+        return
+    if first is not None and first[0] != _TLS_HANDSHAKE:
+        _refuse_plain(transport, tunnel.target)
+        return
+    inner = protocol.inside(tunnel.target)
+    try:
+        tls = await loop.start_tls(
+            transport,
+            inner,
+            tunnel.context,
+            server_side=True,
+            ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
+        )
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError; the socket is closed
+        log.info("TLS inside the CONNECT tunnel to %s failed: %s", tunnel.target,
+                 getattr(exc, "reason", None) or type(exc).__name__)  # fmt: skip
+        return
+    finally:
+        # Until here the CONNECT's connection held its slot (limits.max_connections).
+        protocol.hand_over()
+    if tls is None:
+        return
+    name = tunnel.foreign_name(tls.get_extra_info("ssl_object"))
+    if name is not None:
+        # A client that verifies has refused our certificate already; any other is cut.
+        log.info("closing the CONNECT tunnel to %s: the TLS inside is for %r, which the "
+                 "interception certificate does not name", tunnel.target, name[:100])  # fmt: skip
+        tls.close()
+        return
+    inner.connection_made(tls)
+
+
+async def _peek(transport: asyncio.Transport, timeout: float) -> bytes | None:
+    """The client's first bytes, left unread if they start TLS (else read and dropped);
+    None where the loop cannot watch a socket."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    loop = asyncio.get_running_loop()
+    # A duplicate descriptor: the transport keeps its own, and MSG_PEEK consumes nothing.
+    try:
+        peeker = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:  # Windows cannot dup a socket handle: TLS is then told by its failure
+        return None
+    try:
+        readable: asyncio.Future[None] = loop.create_future()
+        try:
+            loop.add_reader(peeker.fileno(), _set_once, readable)
+        except NotImplementedError:  # Windows' proactor loop
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                await readable
+        finally:
+            loop.remove_reader(peeker.fileno())
+        try:
+            first = peeker.recv(16, socket.MSG_PEEK)
+            if first and first[0] != _TLS_HANDSHAKE:
+                # Not TLS: read it now, so that closing the connection does not reset it.
+                peeker.recv(65536)
+        except OSError:
+            return b""
+        return first
+    finally:
+        peeker.close()
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _refuse_plain(transport: asyncio.Transport, target: str) -> None:
+    """Plain HTTP inside a tunnel: a JSON 400 in plain HTTP, then the connection closes."""
+    response = error_response(
+        BAD_REQUEST,
+        f"the CONNECT tunnel to {target} carries TLS only, and this is not TLS",
+        "call the upstream's https:// URLs through https_proxy; for http:// URLs use http_proxy "
+        "(no CONNECT)",
+    )
+    body = response.body
+    assert isinstance(body, bytes)
+    head = [f"HTTP/1.1 {response.status} {response.reason}"]
+    head += [f"{name}: {value}" for name, value in response.headers.items()]
+    head += [f"Content-Length: {len(body)}", "Connection: close"]
+    log.info("refused plain HTTP inside the CONNECT tunnel to %s", target)
+    transport.write("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + body)
+    transport.close()
 
 
 # ---- the response side of the adapter (used by the proxy)

@@ -81,7 +81,7 @@ from collections.abc import Iterable, Iterator
 from typing import Final
 
 from sidecar.config import UpstreamURL
-from sidecar.http_rules import ORIGIN_HOST_VALUE
+from sidecar.http_rules import ORIGIN_HOST_VALUE, host_and_port, plain_twin
 
 #: Bytes that may follow a base URL: they cannot continue a host name or port.
 BOUNDARY: Final = b"/?#\"'<>\\)& \t\r\n\f\v"
@@ -113,20 +113,6 @@ BODY_BOUND_HEADERS: Final = frozenset(
 # ------------------------------------------------------------------- the bases
 
 
-def plain_twin(host: str) -> str | None:
-    """The host name without its ``cert`` label, or None when it has none.
-
-    ``api10.cert.successfactors.com`` → ``api10.successfactors.com``. Only a
-    label with a name before it and a registrable domain (two labels) after it
-    counts, so ``cert.example.com`` has no twin.
-    """
-    labels = host.split(".")
-    for i, label in enumerate(labels):
-        if label.lower() == "cert" and i > 0 and len(labels) - i - 1 >= 2:
-            return ".".join(labels[:i] + labels[i + 1 :])
-    return None
-
-
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -138,18 +124,6 @@ def _origins(scheme: str, host: str, port: int) -> set[str]:
     if port == default:
         origins |= {f"{scheme}://{h}" for h in hosts}
     return origins
-
-
-def _host_and_port(entry: str) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-    else:
-        host, port = entry, ""
-    return host, int(port) if port.isdigit() else 443
 
 
 def upstream_bases(upstream: UpstreamURL, rewrite_hosts: tuple[str, ...]) -> tuple[bytes, ...]:
@@ -167,7 +141,7 @@ def upstream_bases(upstream: UpstreamURL, rewrite_hosts: tuple[str, ...]) -> tup
     if twin is not None:
         origins |= _origins(upstream.scheme, twin, upstream.port)
     for entry in rewrite_hosts:
-        host, port = _host_and_port(entry.strip())
+        host, port = host_and_port(entry.strip())
         if host:
             origins |= _origins("https", host, port)
     bases = {origin + upstream.path_prefix for origin in origins}

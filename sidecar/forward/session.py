@@ -45,6 +45,9 @@ NO_TOKEN_AGAIN = 300.0
 _HANDED_OUT = 8  # values per cookie name remembered as the sidecar's own
 _ROOTS = 64  # service roots whose token is kept at most
 _SERVICE_ROOT = re.compile(r"^.*?/odata/v2/", re.IGNORECASE)
+# Names of cookies that carry a login session (JSESSIONID, SAP's MYSAPSSO2 and
+# sap-usercontext, PHPSESSID, connect.sid, ...): a new value is a new session.
+_SESSION_COOKIE = re.compile(r"sess|sid|sso|^sap-", re.IGNORECASE)
 
 
 def service_root(path: str) -> str:
@@ -108,11 +111,19 @@ class UpstreamSession:
         cookies = self._jar.filter_cookies(self._url.with_path(path, encoded=True))
         return "; ".join(f"{m.key}={m.coded_value}" for m in cookies.values()) or None
 
+    def inherit(self, old: UpstreamSession) -> None:
+        """Know the cookies a previous identity's session handed out: a client that keeps
+        and echoes them (Postman) is still on the sidecar's session, now a new one."""
+        for name, values in old._ours.items():
+            self._ours.setdefault(name, deque(maxlen=_HANDED_OUT)).extend(values)
+
     def store(self, set_cookie: Sequence[str], path: str) -> bool:
         """Keep the cookies an answer set; True when they open a new session.
 
-        A new session is a cookie the jar did not hold with that value (a first
-        answer, or the upstream replacing an expired session); a deletion is not.
+        A new session is a cookie the jar did not hold before (a first answer, or
+        the upstream replacing an expired session), or a session cookie (by its
+        name) with another value. A load balancer's cookie that changes on every
+        answer (AWSALB) is kept but opens nothing; a deletion opens nothing.
         """
         if self._jar is None or not set_cookie:
             return False
@@ -121,10 +132,11 @@ class UpstreamSession:
         self._jar.update_cookies_from_headers(list(set_cookie), url)
         opened = False
         for morsel in self._jar.filter_cookies(url).values():
-            if before.get(morsel.key) != morsel.value:
-                opened = True
+            was = before.get(morsel.key)
+            if was != morsel.value:
                 values = self._ours.setdefault(morsel.key, deque(maxlen=_HANDED_OUT))
                 values.append(morsel.coded_value)
+                opened = opened or was is None or bool(_SESSION_COOKIE.search(morsel.key))
         if opened:
             self.opened_at = time.monotonic()
             # Tokens belong to the session they were fetched in.

@@ -139,6 +139,7 @@ class UpstreamClient:
             ),
         )
         if old is not None:
+            self.current.session.inherit(old.session)
             self._retire(old.pool)
         return self.current
 

@@ -78,6 +78,15 @@ def setup_logging(config: LogConfig, *, level: str | None = None, fmt: str | Non
     access_logger.disabled = not config.access_log
 
 
+def without_userinfo(path: str) -> str:
+    """An absolute-form target's ``user:password@`` is a credential: never logged or shown."""
+    scheme, sep, rest = path.partition("://")
+    if not sep or "/" in scheme:
+        return path
+    authority, slash, tail = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
+
+
 def redact_query(query_string: str, *, keep_values: bool) -> str:
     """``$filter=...&$top=5`` → ``$filter=***&$top=***`` unless values are kept."""
     if keep_values or not query_string:

@@ -4,9 +4,10 @@
 buffer (memory only, nothing on disk); `Traffic` keeps 15 minutes of counts and
 latencies in 10-second buckets for the console's charts. Both are fed once per
 request by the handler's `_record` and cost a tuple and a few additions: the
-query is stored as sent and redacted when read (`redact_query`), so a request
-pays nothing for it. What is kept is what the access line shows (no header
-value but the response's Content-Type, never a body, cookie or token).
+query is stored as sent and redacted when read (`redact_query`; the userinfo of
+an absolute-form target dropped), so a request pays nothing for it. What is
+kept is what the access line shows (no header value but the response's
+Content-Type, never a body, cookie or token).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sidecar.telemetry.logs import redact_query
+from sidecar.telemetry.logs import redact_query, without_userinfo
 
 RECENT = 200  # requests kept
 BUCKET = 10.0  # seconds per traffic bucket
@@ -67,6 +68,7 @@ class RequestLog:
             if status_class is not None and f"{e.status // 100}xx" != status_class:
                 continue
             path, _, query = e.raw_path.partition("?")
+            path = without_userinfo(path)
             query = redact_query(query, keep_values=keep_query_values)
             out.append(
                 {

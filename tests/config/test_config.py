@@ -22,6 +22,7 @@ from sidecar.config import (
     CredentialsConfig,
     DestinationRef,
     InboundConfig,
+    InterceptConfig,
     ListenAddress,
     LogConfig,
     RouteConfig,
@@ -122,6 +123,9 @@ routes:
     session:
       reuse: true                  # keep the upstream's session cookies for clients that send none
       csrf: true                   # fetch, cache and send X-CSRF-Token on writes that carry none
+    intercept:
+      enabled: false               # serve CONNECT for the upstream's own host names (https_proxy clients)
+      cert_dir: null               # where the interception certificate is kept; default: user state dir
     tls:
       ca_file: null                # extra trust anchors for the upstream server
       server_name: null            # SNI / verification name override
@@ -268,6 +272,7 @@ def test_design_example_with_one_source_parses() -> None:
     assert r.tls == TLSConfig()
     assert r.timeouts == Timeouts(connect=10, read=300, shutdown=10)
     assert r.session == SessionConfig(reuse=True, csrf=True)
+    assert r.intercept == InterceptConfig(enabled=False, cert_dir=None)
 
 
 def test_probe_before_switch_and_probe_path() -> None:
@@ -293,6 +298,17 @@ def test_session_switches_parse() -> None:
     assert r.session == SessionConfig(reuse=True, csrf=False)
 
 
+def test_intercept_parses_with_cert_dir_against_the_config_folder() -> None:
+    (r,) = parse(route("intercept: {enabled: true, cert_dir: state/intercept}\n")).routes
+    assert r.intercept == InterceptConfig(enabled=True, cert_dir=BASE / "state/intercept")
+    (r,) = parse(route("intercept: {enabled: on, cert_dir: /var/lib/sidecar}\n")).routes
+    assert r.intercept == InterceptConfig(enabled=True, cert_dir=Path("/var/lib/sidecar"))
+    (r,) = parse(route("intercept: {cert_dir: '${STATE}/x'}\n"), env={"STATE": "/s"}).routes
+    assert r.intercept == InterceptConfig(enabled=False, cert_dir=Path("/s/x"))
+    (r,) = parse(route("intercept:\n")).routes
+    assert r.intercept == InterceptConfig()
+
+
 def test_defaults_when_keys_are_omitted() -> None:
     config = parse(MINIMAL)
     assert config.log == LogConfig(level="info", format="text", access_log=True, query_values=False)
@@ -310,6 +326,7 @@ def test_defaults_when_keys_are_omitted() -> None:
     assert r.timeouts == Timeouts(connect=10.0, read=300.0, shutdown=10.0)
     assert r.inbound == InboundConfig(allow_remote=False, token_env=None)
     assert r.session == SessionConfig(reuse=True, csrf=True)
+    assert r.intercept == InterceptConfig(enabled=False, cert_dir=None)
     assert r.credentials.warn_before == 30 * 86400
     assert r.credentials.key is None and r.credentials.password_env is None
 
@@ -589,6 +606,10 @@ def test_unknown_top_level_key() -> None:
         ("session: yes\n", "routes[0].session", "expected a mapping, got a boolean"),
         ("session: {reuse: maybe}\n", "routes[0].session.reuse", "expected true or false"),
         ("session: {cookies: true}\n", "routes[0].session.cookies", "unknown key"),
+        ("intercept: yes\n", "routes[0].intercept", "expected a mapping, got a boolean"),
+        ("intercept: {enabled: maybe}\n", "routes[0].intercept.enabled", "expected true or false"),
+        ("intercept: {cert_dir: [a]}\n", "routes[0].intercept.cert_dir", "expected a string"),
+        ("intercept: {certdir: x}\n", "routes[0].intercept.certdir", "did you mean 'cert_dir'?"),
     ],
 )
 def test_wrong_types(extra: str, key_path: str, message: str) -> None:

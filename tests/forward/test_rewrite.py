@@ -28,13 +28,13 @@ from sidecar.forward.rewrite import (
     content_coding,
     decodable_accept_encoding,
     local_origin,
-    plain_twin,
     rewrite_location,
     rewrite_set_cookie,
     rewritten_headers,
     should_rewrite,
     upstream_bases,
 )
+from sidecar.http_rules import plain_twin
 
 HOST = "api10.cert.successfactors.com"
 TWIN = "api10.successfactors.com"

@@ -35,6 +35,7 @@ from sidecar.telemetry.logs import (
     access_logger,
     redact_query,
     setup_logging,
+    without_userinfo,
 )
 from tests.conftest import PKI, free_port, key_material, route_config, write_private
 from tests.support.upstreams import FakeUpstream
@@ -425,6 +426,36 @@ async def send_raw(port: int, request: bytes) -> bytes:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_a_password_in_an_absolute_form_target_never_reaches_the_access_line(
+    raw_sidecar: Callable[[], Awaitable[RawSetup]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = (await raw_sidecar()).port
+    answer = await send_raw(
+        port,
+        b"GET http://user:pw-in-url-4711@other.test/x?a=1 HTTP/1.1\r\nHost: other.test\r\n"
+        b"X-Request-ID: r-userinfo\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 403 ")  # another host: refused, and still logged
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "r-userinfo" in line]
+    assert "http://other.test/x?a=***" in line
+    assert "pw-in-url-4711" not in err
+
+
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        ("http://u:p@h.test/x", "http://h.test/x"),
+        ("https://u@h.test:8443", "https://h.test:8443"),
+        ("http://h.test/a@b", "http://h.test/a@b"),  # an @ in the path is no userinfo
+        ("/odata/v2/User", "/odata/v2/User"),
+        ("/a://b@c", "/a://b@c"),
+    ],
+)
+def test_without_userinfo(path: str, shown: str) -> None:
+    assert without_userinfo(path) == shown
 
 
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (debug|info|warning|error) +sidecar[.\w]*: ")

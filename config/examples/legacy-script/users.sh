@@ -1,6 +1,10 @@
 #!/bin/sh
 # List the first users of SuccessFactors with plain curl: no --cert, no --key.
 #
+# Way 0, unchanged https:// through https_proxy (the sidecar intercepts; trust.pem from
+# `mtls-sidecar trust show --bundle trust.pem`):
+#   https_proxy=http://127.0.0.1:8080 CURL_CA_BUNDLE=trust.pem \
+#     SF_BASE_URL=https://api10.cert.successfactors.com ./users.sh
 # Way 1, changed base URL: the script calls the sidecar itself.
 #   SF_BASE_URL=http://127.0.0.1:8080 ./users.sh
 # Way 2, proxy: the script keeps the API host, with http:// instead of https://,
