@@ -261,9 +261,19 @@ class RouteRuntime:
         return max(0.0, self.pending.next_probe - time.monotonic())
 
     async def retry_pending(self) -> None:
-        """Probe the pending identity again (switching to it once accepted)."""
-        if self.pending is not None:
-            await self.offer(self.pending.loaded)
+        """Probe the pending identity again (switching to it once accepted).
+
+        A retry that cannot even be made (``tls.ca_file`` unreadable meanwhile) is a
+        failed reload, tried again after ``pending_retry``: it must not end the refresh
+        loop that calls it, nor make it spin."""
+        pending = self.pending
+        if pending is None:
+            return
+        pending.next_probe = time.monotonic() + self.pending_retry
+        try:
+            await self.offer(pending.loaded)
+        except SidecarError as exc:
+            self.failed(exc)
 
 
 def readiness(runtime: RouteRuntime, now: dt.datetime | None = None) -> str | None:

@@ -188,7 +188,9 @@ class Sidecar:
             if forced or rt.client.current is None or rt.retry_soon or await rt.source.changed():
                 if await rt.reload():
                     delay = BACKOFF_START
-            elif rt.pending_due() == 0.0:
+            # Not an `elif`: a destination always says "changed" (the service answers 304),
+            # and a reload that re-offered the pending identity has just probed it (not due).
+            if rt.pending_due() == 0.0:
                 await rt.retry_pending()  # a renewal the upstream refused: asked once more
             rt.warn_expiry()
 

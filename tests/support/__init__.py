@@ -5,5 +5,6 @@
 ``process``: the sidecar as a real ``python -m sidecar`` process and its files;
 ``tls_servers``: blocking TLS servers; ``upstreams``: the aiohttp fake upstream;
 ``fake_btp``: fake BTP services; ``admin``: ``/-/status`` and ``/-/metrics`` as read by a
-test. Fixtures live in tests/conftest.py.
+test; ``mapping``: an upstream with an X.509 mapping switchable while it runs, and load.
+Fixtures live in tests/conftest.py.
 """

@@ -28,6 +28,7 @@ import json
 import secrets
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -77,6 +78,14 @@ def destination_json(
         body["certificates"] = certificates
     body["authTokens"] = []
     return body
+
+
+def write_service_key(path: Path, url: str) -> Path:
+    """A secret binding's service key for the fake at ``url``, as the BTP cockpit shows it."""
+    key = {"uri": url, "url": url, "clientid": CLIENT_ID, "clientsecret": CLIENT_SECRET,
+           "credential-type": "binding-secret"}  # fmt: skip
+    path.write_text(json.dumps(key), encoding="utf-8")
+    return path
 
 
 def _certificate(name: str, content: bytes, lower: bool) -> dict[str, str]:

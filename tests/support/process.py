@@ -114,8 +114,9 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def check_probe(config: Path) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["check", "-c", str(config), "--probe"])
+def check_probe(config: Path, *args: str) -> tuple[int, str]:
+    """``check -c CONFIG --probe ARGS`` in this process: (exit code, output)."""
+    result = CliRunner().invoke(main, ["check", "-c", str(config), "--probe", *args])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
     return result.exit_code, result.output
