@@ -165,7 +165,7 @@ class RouteRuntime:
             self.failed(exc)
             return False
 
-    async def offer(self, loaded: Loaded) -> None:
+    async def offer(self, loaded: Loaded, *, retry: bool = False) -> None:
         """A reload's identity: switch to it, unless it is a renewal the upstream refuses.
 
         Probed first when ``probe_before_switch`` is on, a current identity exists
@@ -204,9 +204,11 @@ class RouteRuntime:
             )
             self.apply(loaded, ssl_context=context)
             return
-        self._hold(loaded, target, result)
+        self._hold(loaded, target, result, reloaded=not retry)
 
-    def _hold(self, loaded: Loaded, target: Target, result: ProbeResult) -> None:
+    def _hold(
+        self, loaded: Loaded, target: Target, result: ProbeResult, *, reloaded: bool = True
+    ) -> None:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         before = self.pending
         same = before is not None and before.loaded.identity.chain == loaded.identity.chain
@@ -220,9 +222,10 @@ class RouteRuntime:
                 next_probe=time.monotonic() + self.pending_retry,
             )
         )
-        self.last_error = None  # the load itself succeeded
-        self.retry_soon = False
-        self.stats.reloaded(True, None, None)
+        if reloaded:  # a load that succeeded (a retry of the same one loads nothing)
+            self.last_error = None
+            self.retry_soon = False
+            self.stats.reloaded(True, None, None)
         if same and before is not None and before.result.verdict == result.verdict:
             log.debug("route %s: the renewed client certificate is still pending: %s",
                       self.route.name, result.message)  # fmt: skip
@@ -271,7 +274,7 @@ class RouteRuntime:
             return
         pending.next_probe = time.monotonic() + self.pending_retry
         try:
-            await self.offer(pending.loaded)
+            await self.offer(pending.loaded, retry=True)
         except SidecarError as exc:
             self.failed(exc)
 

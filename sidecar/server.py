@@ -251,8 +251,14 @@ async def run(config: Config, *, on_ready: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads credentials (where there is one)."""
     raise_file_limit()
     sidecar = Sidecar(config)
-    await sidecar.start()
+    # Handled from before the start: a SIGHUP (or SIGTERM) while the listeners come up
+    # must not end the process with the default action.
     restore_signals = _handle_signals(sidecar)
+    try:
+        await sidecar.start()
+    except BaseException:
+        restore_signals()
+        raise
     if on_ready is not None:
         on_ready.set()
     try:

@@ -42,6 +42,7 @@ SWITCH_WITHIN = RETRY + 1.0  # the retry interval, and room for a busy machine
 ROUTE = "test"  # route_config's name
 PROBE_PATH = "/odata/v2/"  # credentials.probe_path's default
 API = "/odata/v2/User"  # what the traffic asks for: never the probe's path
+RELOADS = "sidecar_credential_reloads_total"
 PENDING = "sidecar_client_cert_pending"
 NOT_AFTER = "sidecar_client_cert_not_after_seconds"
 REFUSAL_SAYS = {
@@ -129,6 +130,10 @@ async def staged_then_mapped(
         assert await metric(url, PENDING, route=ROUTE) == 1.0
         # An expiry alert keeps watching the certificate in use, not the pending one.
         assert await metric(url, NOT_AFTER, route=ROUTE) == old.cert.not_valid_after_utc.timestamp()
+        # Retries probe again but load nothing: no reload is counted for them.
+        reloads = await metric(url, RELOADS, route=ROUTE, result="success")
+        await asyncio.sleep(RETRY * 3)
+        assert await metric(url, RELOADS, route=ROUTE, result="success") == reloads
         await traffic.more()
         assert new.cert.serial_number not in upstream.serials(API)  # traffic: the old one
 

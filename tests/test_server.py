@@ -85,3 +85,22 @@ async def test_run_falls_back_to_signal_signal_where_the_loop_has_no_signal_hand
     assert "stopping: finishing requests in flight" in caplog.text
     assert sum("no SIGHUP" in r.getMessage() for r in caplog.records) == 1
     assert {sig: signal.getsignal(sig) for sig in before} == before  # put back
+
+
+async def test_a_sighup_while_starting_reloads_instead_of_ending_the_process(
+    config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the rotation tests: the handlers came after start(), so a SIGHUP sent as
+    the listeners came up ended the process (SIGHUP's default action)."""
+    caplog.set_level(logging.INFO, logger="sidecar")
+    start = server.Sidecar.start
+
+    async def start_with_a_hangup(self: server.Sidecar) -> None:
+        os.kill(os.getpid(), signal.SIGHUP)  # delivered while starting
+        await asyncio.sleep(0)
+        await start(self)
+
+    monkeypatch.setattr(server.Sidecar, "start", start_with_a_hangup)
+    await run_then_terminate(config)
+    assert "SIGHUP: reloading credentials" in caplog.text
+    assert "stopped at" in caplog.text
