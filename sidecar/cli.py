@@ -156,7 +156,8 @@ def check(config_file: str | None, probe: bool, candidate: Path | None, **flag_v
             click.echo(f"  certificate:  {verdict}: {result.message}")
             rejected += not result.accepted
     if failed:
-        click.echo(f"FAILED: {failed} of {len(config.routes)} route(s) cannot start")
+        what = f"the candidate {candidate} cannot be probed" if candidate else "cannot start"
+        click.echo(f"FAILED: {failed} of {len(config.routes)} route(s): {what}")
         sys.exit(EXIT_USAGE)
     if rejected:
         fail(f"{rejected} route(s) failed the probe; see above", EXIT_RUNTIME)
