@@ -40,10 +40,18 @@ if (mode === 'env') {
 
 // env: the path alone, the destination gives the origin
 let url = mode === 'env' ? first.slice(origin.length) : first;
-while (url) {
-  // __next as the upstream wrote it, absolute: axios takes it over the destination's URL
-  const answer = await executeHttpRequest(destination, { method: 'get', url });
-  const page = answer.data.d;
-  console.log(new URL(url, origin).href, page.results.length);
-  url = page.__next;
+try {
+  while (url) {
+    // __next as the upstream wrote it, absolute: axios takes it over the destination's URL
+    const answer = await executeHttpRequest(destination, { method: 'get', url });
+    const page = answer.data.d;
+    console.log(new URL(url, origin).href, page.results.length);
+    url = page.__next;
+  }
+} catch (error) {
+  // one line on stderr, and out: unhandled, the SDK logs the stack on stdout and this
+  // Node.js took 3 s more to exit
+  const why = error.cause?.message;
+  console.error(why && why !== error.message ? `${error.message}: ${why}` : error.message);
+  process.exit(1);
 }
