@@ -1,5 +1,8 @@
 """Unchanged https:// scripts through ``https_proxy``: curl, requests, httpx, Node.js.
 
+Node.js twice: its ``https`` module, and the SAP Cloud SDK (tests/interop/cloud-sdk,
+``npm ci --prefix tests/interop/cloud-sdk``) with the sidecar as a destination's proxy.
+
 The sidecar runs as users run it, ``python -m sidecar run -c FILE --intercept``,
 in front of the demo's fake SuccessFactors (over real mTLS, in a thread of
 this process). Each client gets the certificate the way the README says —
@@ -235,6 +238,56 @@ def test_node_https_with_extra_ca_certs(setup: Setup) -> None:
     out = run([node, "-e", NODE_SCRIPT, setup.first_page],
               setup.env(NODE_EXTRA_CA_CERTS=str(setup.cert_file)))  # fmt: skip
     check_pages(out, setup)
+
+
+CLOUD_SDK = ROOT / "tests" / "interop" / "cloud-sdk"  # its page-users.mjs and npm packages
+
+
+def cloud_sdk_script(setup: Setup, proxy: str) -> tuple[list[str], dict[str, str]]:
+    """page-users.mjs's command and environment, ``proxy`` as its header says; no trust set."""
+    node = shutil.which("node")
+    if node is None:
+        missing_tool("Node.js is not installed", ci_installs_it=False)
+    if not (CLOUD_SDK / "node_modules" / "@sap-cloud-sdk" / "http-client").is_dir():
+        missing_tool(
+            f"the SAP Cloud SDK is not installed: npm ci --prefix {CLOUD_SDK.relative_to(ROOT)}",
+            ci_installs_it=shutil.which("npm") is not None,
+        )
+    env = setup.env()
+    args = [node, str(CLOUD_SDK / "page-users.mjs"), proxy, setup.first_page]
+    if proxy == "env":
+        destination = {"name": "SF", "url": setup.upstream.url, "proxyType": "Internet"}
+        env["destinations"] = json.dumps([destination])
+        args.append("SF")
+    else:
+        del env["https_proxy"], env["HTTPS_PROXY"]
+        env["SIDECAR_PROXY"] = setup.proxy
+    return args, env
+
+
+@pytest.mark.parametrize("proxy", ["env", "explicit"])
+def test_sap_cloud_sdk_with_the_sidecar_as_the_destinations_proxy(setup: Setup, proxy: str) -> None:
+    """executeHttpRequest on an Internet destination, trusting by NODE_EXTRA_CA_CERTS.
+
+    ``env``: a destination of the ``destinations`` variable, its proxy taken from
+    https_proxy by the SDK; ``explicit``: a destination object naming the sidecar
+    as its proxyConfiguration, with no https_proxy. Either way the SDK hands the
+    proxy to axios, which tunnels to an https target by CONNECT.
+    """
+    args, env = cloud_sdk_script(setup, proxy)
+    before = setup.sidecar.output.count(" intercepted")
+    check_pages(run(args, {**env, "NODE_EXTRA_CA_CERTS": str(setup.cert_file)}), setup)
+    # by the tunnel: the fake answers no page without the sidecar's client certificate
+    # and company id, and the sidecar marks what it forwards from inside a tunnel
+    assert setup.sidecar.output.count(" intercepted") - before == 3
+
+
+def test_sap_cloud_sdk_refuses_the_certificate_without_trust(setup: Setup) -> None:
+    args, env = cloud_sdk_script(setup, "explicit")
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == "self-signed certificate\n"  # Node's verification failed
 
 
 def test_the_example_scripts_run_unchanged_through_https_proxy(setup: Setup) -> None:
