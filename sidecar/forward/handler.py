@@ -734,16 +734,20 @@ class RouteProxy:
             "supplied": entry.supplied,
             "intercepted": intercepted(request),
         }
+        # "-": no upstream request was made (the sidecar answered itself)
+        upstream = "-" if entry.upstream_ms is None else f"{entry.upstream_ms}ms"
         tail = f" supplied={entry.supplied}" if entry.supplied else ""
         tail += " intercepted" if fields["intercepted"] else ""
-        access_logger.info(_ACCESS + tail.replace("%", "%%"), fields, extra=fields)
+        access_logger.info(
+            _ACCESS + tail.replace("%", "%%"), {**fields, "upstream": upstream}, extra=fields
+        )
 
 
 # ...then " supplied=session,csrf" (what the sidecar's session added) and " intercepted"
 # (a request inside a CONNECT tunnel), when they apply.
 _ACCESS = (
     "%(route)s %(method)s %(path)s %(status)d in=%(bytes_in)d out=%(bytes_out)d "
-    "%(duration_ms)sms upstream=%(upstream_ms)sms id=%(request_id)s"
+    "%(duration_ms)sms upstream=%(upstream)s id=%(request_id)s"
 )
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _FETCH_BODY = 1024 * 1024  # bytes of a token fetch's answer read (dropped): more closes it

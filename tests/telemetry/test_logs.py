@@ -51,7 +51,7 @@ FILTER = "$filter=lastName%20eq%20%27Doe%27&$top=5"
 ACCESS_TEXT = re.compile(
     r"^\d\d:\d\d:\d\d info +sidecar\.access: (?P<route>\S+) (?P<method>[A-Z]+) (?P<path>.+) "
     r"(?P<status>\d{3}) in=(?P<bytes_in>\d+) out=(?P<bytes_out>\d+) "
-    r"(?P<duration_ms>[\d.]+)ms upstream=(?P<upstream_ms>[\d.]+|None)ms id=(?P<request_id>\S+)$"
+    r"(?P<duration_ms>[\d.]+)ms upstream=(?:(?P<upstream_ms>[\d.]+)ms|-) id=(?P<request_id>\S+)$"
 )
 
 
