@@ -34,7 +34,6 @@ from sidecar.forward.handler import TOKEN_MISSING
 from sidecar.intercept.certificate import route_certificates
 from sidecar.intercept.trust import client_lines
 from sidecar.runtime import RouteRuntime, readiness, route_status
-from sidecar.telemetry.metrics import CONTENT_TYPE
 from sidecar.telemetry.recent import STATUS_CLASSES
 
 if TYPE_CHECKING:
@@ -99,9 +98,8 @@ class Admin:
             if name == "status":
                 return web.json_response(self.status())
             if name == "metrics":
-                return web.Response(
-                    body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE}
-                )
+                body, content_type = self.metrics.exposition()
+                return web.Response(body=body, headers={"Content-Type": content_type})
             status_class = request.query.get("status")
             if status_class is not None and status_class not in STATUS_CLASSES:
                 return error_response(
