@@ -98,8 +98,10 @@ class Admin:
             if name == "status":
                 return web.json_response(self.status())
             if name == "metrics":
-                body, content_type = self.metrics.exposition()
-                return web.Response(body=body, headers={"Content-Type": content_type})
+                content_type = self.metrics.exposition_type()
+                return web.Response(
+                    body=self.metrics.exposition(), headers={"Content-Type": content_type}
+                )
             status_class = request.query.get("status")
             if status_class is not None and status_class not in STATUS_CLASSES:
                 return error_response(

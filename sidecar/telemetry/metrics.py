@@ -53,11 +53,17 @@ class SidecarMetrics:
             self._registry.register(_Collector(self))
         return self._registry
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The text exposition and its Content-Type."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    def exposition(self) -> bytes:
+        """The text exposition, in the format `exposition_type` names."""
+        from prometheus_client import generate_latest
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry)
+
+    @staticmethod
+    def exposition_type() -> str:
+        from prometheus_client import CONTENT_TYPE_LATEST  # its version follows the client's
+
+        return CONTENT_TYPE_LATEST
 
 
 class _Collector:
