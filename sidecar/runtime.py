@@ -27,15 +27,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from sidecar.config import RouteConfig
 from sidecar.credentials.certinfo import identity_summary
 from sidecar.credentials.identity import client_ssl_context
 from sidecar.credentials.sources import CredentialSource, FileSource, Loaded
 from sidecar.errors import SidecarError
 from sidecar.forward.handler import RouteProxy
-from sidecar.forward.listener import bound_port
+from sidecar.forward.listener import Listener, bound_port
 from sidecar.forward.probe import ProbeResult, probe
 from sidecar.forward.upstream import Target, UpstreamClient, route_target
 from sidecar.telemetry.metrics import RouteStats
@@ -87,7 +85,7 @@ class RouteRuntime:
     proxy: RouteProxy | None = None
     last_error: str | None = None
     retry_soon: bool = False  # the last failure was transient: back off, then retry
-    site: web.TCPSite | None = None
+    site: Listener | None = None
     # Set by every SIGHUP, cleared as a reload starts: a SIGHUP during a reload asks for
     # another one, so each signal is followed by a load that began after it.
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)

@@ -27,15 +27,13 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 
-from aiohttp import web
-
 from sidecar import __version__
 from sidecar.admin.endpoints import Admin
 from sidecar.config import Config, RouteConfig
 from sidecar.credentials.sources import FILE_POLL_INTERVAL
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.forward.handler import RouteProxy
-from sidecar.forward.listener import start_listener
+from sidecar.forward.listener import Listener, Request, Response, Tunnel, start_listener
 from sidecar.forward.upstream import UpstreamClient
 from sidecar.intercept.certificate import route_certificates
 from sidecar.resources import MemoryTrimmer, raise_file_limit
@@ -60,7 +58,7 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.routes: list[RouteRuntime] = []
         self.started_at = time.time()
-        self._runners: list[web.ServerRunner] = []
+        self._listeners: list[Listener] = []
         self._stop = asyncio.Event()
         self._in_flight: set[asyncio.Task[object]] = set()
 
@@ -127,7 +125,7 @@ class Sidecar:
             query_values=self.config.log.query_values,
         )
 
-        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        async def handler(request: Request) -> Response | Tunnel:
             if admin.matches(request.path):
                 return await admin.handle(request)
             task = asyncio.current_task()
@@ -139,7 +137,7 @@ class Sidecar:
                 self._in_flight.discard(task)
 
         try:
-            runner, site = await start_listener(
+            listener = await start_listener(
                 handler,
                 rt.route.listen.host,
                 rt.route.listen.port,
@@ -152,8 +150,8 @@ class Sidecar:
                 f"{exc.strerror or exc}",
                 hint="pick a free port, or stop the process that uses it",
             ) from None
-        self._runners.append(runner)
-        rt.site = site
+        self._listeners.append(listener)
+        rt.site = listener
         generation = rt.client.current
         log.info(
             "route %s: listening on http://%s, forwarding to %s with %s",
@@ -216,7 +214,7 @@ class Sidecar:
     async def close(self) -> None:
         """Stop accepting, let requests in flight finish (``timeouts.shutdown``), close."""
         grace = max((r.timeouts.shutdown for r in self.config.routes), default=0.0)
-        stopping = asyncio.gather(*(r.cleanup() for r in self._runners))
+        stopping = asyncio.gather(*(listener.cleanup() for listener in self._listeners))
         done, _ = await asyncio.wait({stopping}, timeout=grace + 0.1)
         if not done:
             # aiohttp's own cancel does not reach a handler waiting on the upstream.
@@ -225,7 +223,7 @@ class Sidecar:
             for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(stopping, return_exceptions=True)
-        self._runners.clear()
+        self._listeners.clear()
         await self.tasks.close()
         for rt in self.routes:
             await rt.client.close()

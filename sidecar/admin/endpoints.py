@@ -31,6 +31,7 @@ from sidecar.forward.failures import (
     error_response,
 )
 from sidecar.forward.handler import TOKEN_MISSING
+from sidecar.forward.listener import Request
 from sidecar.intercept.certificate import route_certificates
 from sidecar.intercept.trust import client_lines
 from sidecar.runtime import RouteRuntime, readiness, route_status
@@ -68,7 +69,7 @@ class Admin:
     def matches(self, path: str) -> bool:
         return path.startswith(self.prefix)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> web.Response:
         foreign = self.proxy.foreign_target(request)
         if foreign is not None:
             # `GET http://other.host/-/status` is meant for another server: never ours to answer.
@@ -165,7 +166,7 @@ class Admin:
             trust_lines=lines,
         )
 
-    def intercept_pem(self) -> web.StreamResponse:
+    def intercept_pem(self) -> web.Response:
         """The interception certificate (and its successor near expiry): public, no token."""
         route = self.runtime.route
         if not route.intercept.enabled:

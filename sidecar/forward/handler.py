@@ -41,6 +41,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import HttpVersion, web
@@ -73,8 +74,10 @@ from sidecar.forward.headers import (
     upstream_request_headers,
 )
 from sidecar.forward.listener import (
-    Relayed,
-    RelayedStream,
+    Answer,
+    Request,
+    Response,
+    Streamed,
     Tunnel,
     bytes_received,
     intercepted,
@@ -121,6 +124,7 @@ _VERSIONS = frozenset({HttpVersion(1, 0), HttpVersion(1, 1)})
 # Generated request ids: unique per process start, cheaper than uuid4 per request.
 _ID_PREFIX = os.urandom(8).hex() + "-"
 _ID_COUNTER = itertools.count(1)
+_R = TypeVar("_R", bound=Response | Tunnel)
 
 
 class _Refused(Exception):
@@ -135,12 +139,12 @@ class _Refused(Exception):
 class _Exchange:
     """One request on its way through: what the access line and metrics need."""
 
-    request: web.BaseRequest
+    request: Request
     request_id: str
     started: float
     upstream_time: float | None = None
     bytes_out: int = 0
-    response: web.StreamResponse | None = None  # once its head went out
+    response: Streamed | None = None  # once its head went out
     recorded: bool = False  # `_record` ran: never twice
     supplied: str = ""  # what the sidecar's session added: "session", "csrf", "csrf-retry"
     error: str | None = None  # the code of an answer the sidecar gave itself
@@ -172,7 +176,7 @@ class RouteProxy:
         self._query_values = query_values
         self._max_body = route.limits.max_body
 
-    def foreign_target(self, request: web.BaseRequest) -> str | None:
+    def foreign_target(self, request: Request) -> str | None:
         """Why an absolute-form target is not this route's upstream, or None.
 
         Checked before anything else, admin paths included: ``GET http://other/-/status``
@@ -190,7 +194,7 @@ class RouteProxy:
             f"({upstream.host if upstream else 'not known yet'}); the sidecar is not an open proxy"
         )
 
-    def token_ok(self, request: web.BaseRequest) -> bool:
+    def token_ok(self, request: Request) -> bool:
         """True unless a token is configured and the request lacks it (constant time).
 
         Requests inside a CONNECT tunnel have it: the CONNECT needed it.
@@ -203,7 +207,7 @@ class RouteProxy:
 
     # ---------------------------------------------------------------- handler
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response | Tunnel:
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         if not REQUEST_ID_VALUE.match(request_id):
             request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
@@ -217,7 +221,7 @@ class RouteProxy:
         except Exception as exc:  # a bug: still answered, logged, counted (issue 12)
             return self._internal_error(ex, exc)
 
-    async def _forward(self, ex: _Exchange) -> web.StreamResponse:
+    async def _forward(self, ex: _Exchange) -> Response | Tunnel:
         request = ex.request
         if request.method == "CONNECT":
             return self._finish(ex, self._connect(ex))
@@ -371,7 +375,7 @@ class RouteProxy:
 
     # ---------------------------------------------------------------- refusals
 
-    def _prepare(self, request: web.BaseRequest) -> tuple[Generation, str]:
+    def _prepare(self, request: Request) -> tuple[Generation, str]:
         """Refuse what must not go upstream; else the pool, target and request target to use."""
         if request.version not in _VERSIONS:
             raise _Refused(BAD_REQUEST, f"HTTP/{request.version[0]}.{request.version[1]} is "
@@ -416,7 +420,7 @@ class RouteProxy:
         path = target.upstream.path_prefix + path + (f"?{query}" if query else "")
         return generation, path
 
-    def _connect(self, ex: _Exchange) -> web.StreamResponse:
+    def _connect(self, ex: _Exchange) -> Response | Tunnel:
         """CONNECT: a tunnel into the interception's TLS for an upstream name, else refused.
 
         Never a blind tunnel: the sidecar terminates TLS itself and serves each
@@ -429,7 +433,7 @@ class RouteProxy:
             refusal.force_close()  # nothing after a refused CONNECT is read
             return refusal
 
-    def _tunnel(self, request: web.BaseRequest) -> Tunnel:
+    def _tunnel(self, request: Request) -> Tunnel:
         route = self.route
         if not route.intercept.enabled or intercepted(request):
             raise _Refused(
@@ -475,7 +479,7 @@ class RouteProxy:
             foreign_name=certificates.foreign_server_name,
         )
 
-    def _proxy_token_ok(self, request: web.BaseRequest) -> bool:
+    def _proxy_token_ok(self, request: Request) -> bool:
         password = proxy_password(request.headers.get("Proxy-Authorization"))
         if self._token is None or password is None:
             return False
@@ -483,7 +487,7 @@ class RouteProxy:
 
     async def _relay(
         self, ex: _Exchange, upstream: UpstreamResponse, target: Target, read: bytes = b""
-    ) -> web.StreamResponse:
+    ) -> Response:
         """Relay an answer (``read``: the start of its body, read already)."""
         request = ex.request
         if upstream.status in (429, 503) and "Retry-After" in upstream.headers:
@@ -547,9 +551,7 @@ class RouteProxy:
                     first = await anext(pieces, b"")
                 except (aiohttp.ClientError, TimeoutError, BodyDecodeError) as exc:
                     return self._failed(ex, self._body_failure(exc, target))
-            response = RelayedStream(
-                status=upstream.status, reason=upstream.reason, headers=headers
-            )
+            response = Streamed(upstream.status, upstream.reason, headers)
             await response.prepare(request)
             ex.response = response
             closed = _close_watch(request, upstream)
@@ -590,7 +592,7 @@ class RouteProxy:
         headers: CIMultiDict[str],
         head: bytes,
         body: BodyRewriter | None,
-    ) -> web.StreamResponse:
+    ) -> Response:
         """A small identity body of known length: read it, then answer in one write.
 
         Bounded (``SMALL_BODY``), and a failure while reading it can still be
@@ -604,7 +606,7 @@ class RouteProxy:
             return self._failed(ex, self._body_failure(exc, target))
         headers.popall("Content-Length", None)  # set from the body we send
         ex.bytes_out = len(data)
-        return Relayed(status=upstream.status, reason=upstream.reason, headers=headers, body=data)
+        return Answer(upstream.status, upstream.reason, headers, data)
 
     def _body_failure(self, exc: BaseException, target: Target) -> Failure:
         if isinstance(exc, BodyDecodeError):
@@ -615,7 +617,7 @@ class RouteProxy:
 
     def _rewriting(
         self,
-        request: web.BaseRequest,
+        request: Request,
         upstream: UpstreamResponse,
         target: Target,
         headers: CIMultiDict[str],
@@ -661,7 +663,7 @@ class RouteProxy:
         )
         return self._answer(ex, fail.code, fail.message, fail.hint)
 
-    def _internal_error(self, ex: _Exchange, exc: Exception) -> web.StreamResponse:
+    def _internal_error(self, ex: _Exchange, exc: Exception) -> Response:
         """A bug: the traceback goes to the log only; the client gets 500 ``internal_error``.
 
         The request is still counted and logged once, so the in-flight gauge stays
@@ -686,7 +688,7 @@ class RouteProxy:
         response.force_close()  # the request body may be half read
         return self._finish(ex, response)
 
-    def _finish(self, ex: _Exchange, response: web.StreamResponse) -> web.StreamResponse:
+    def _finish(self, ex: _Exchange, response: _R) -> _R:
         self._record(ex, response.status, response.headers.get("Content-Type"))
         return response
 
@@ -758,7 +760,7 @@ class _Send:
 
     __slots__ = ("generation", "target", "path", "client", "governed", "csrf_root", "token")
 
-    def __init__(self, generation: Generation, target: str, request: web.BaseRequest) -> None:
+    def __init__(self, generation: Generation, target: str, request: Request) -> None:
         self.generation, self.target, self.client = generation, target, request.headers
         self.path = target.partition("?")[0]  # cookies match on the path alone
         session = generation.session
@@ -857,7 +859,7 @@ async def _pieces(
         yield tail
 
 
-def _client_origin(request: web.BaseRequest) -> str:
+def _client_origin(request: Request) -> str:
     """The origin the client used, for the links it gets back (ValueError: none usable).
 
     An absolute-form target (the sidecar as ``http_proxy``) names it, port included
@@ -874,9 +876,7 @@ def _client_body_error(exc: BaseException) -> _ClientBodyError | None:
     return next((e for e in exception_chain(exc) if isinstance(e, _ClientBodyError)), None)
 
 
-def _close_watch(
-    request: web.BaseRequest, upstream: UpstreamResponse
-) -> asyncio.Future[None] | None:
+def _close_watch(request: Request, upstream: UpstreamResponse) -> asyncio.Future[None] | None:
     """For a body delimited by the connection's close, the future that tells how it closed."""
     if (
         upstream.content_length is not None
@@ -895,7 +895,7 @@ def _failed_future(future: asyncio.Future[None]) -> bool:
     return not future.cancelled() and future.exception() is not None
 
 
-def _log_path(request: web.BaseRequest) -> str:
+def _log_path(request: Request) -> str:
     """The path as sent, still percent-encoded, without the query (it may hold personal data)."""
     return request.raw_path.partition("?")[0]
 
@@ -906,5 +906,5 @@ def _same_host(url: URL, upstream: UpstreamURL) -> bool:
     return url.explicit_port is None or url.port in (upstream.port, 80, 443)
 
 
-def _absolute_form(request: web.BaseRequest) -> bool:
+def _absolute_form(request: Request) -> bool:
     return request.raw_path[:1] != "/" and "://" in request.raw_path[:10]
