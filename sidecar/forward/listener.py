@@ -534,7 +534,7 @@ class _Protocol(BaseProtocol):
         self._messages: deque[_Message] = deque()
         self._tail = b""  # bytes after an upgrade (a CONNECT), unparsed
         self._closing = False  # no request after the current one
-        self._task: asyncio.Task[None] | None = None  # runs the requests; made at the first
+        self.task: asyncio.Task[None] | None = None  # runs the requests; made at the first
         self._waiter: asyncio.Future[None] | None = None  # the task waits for a request
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -587,8 +587,8 @@ class _Protocol(BaseProtocol):
             self._messages.extend(messages)
             if len(self._messages) >= _QUEUE_MAX:
                 self._pause_reading_for_buffer()
-            if self._task is None:
-                self._task = self._loop.create_task(self._serve())
+            if self.task is None:
+                self.task = self._loop.create_task(self._serve())
             elif self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
         self._upgraded = upgraded
@@ -603,8 +603,8 @@ class _Protocol(BaseProtocol):
         self._closing = True
         if self.current is not None:
             self.current.content.set_exception(exc or ConnectionResetError("Connection lost"))
-        if self._task is not None:
-            self._task.cancel()  # a client that leaves cancels its upstream request
+        if self.task is not None:
+            self.task.cancel()  # a client that leaves cancels its upstream request
 
     # -- timers
 
@@ -828,12 +828,12 @@ class Listener:
             self._server.close()
         for protocol in list(self.connections):
             protocol.shutdown()
-        busy = [p._task for p in self.connections if p._task is not None and p.current]
+        busy = [p.task for p in self.connections if p.task is not None and p.current is not None]
         if busy:
             await asyncio.wait(busy, timeout=self.shutdown_timeout)
         for protocol in list(self.connections):
-            if protocol._task is not None:
-                protocol._task.cancel()
+            if protocol.task is not None:
+                protocol.task.cancel()
             if protocol.transport is not None:
                 protocol.transport.close()
 
