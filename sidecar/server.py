@@ -60,7 +60,6 @@ class Sidecar:
         self.started_at = time.time()
         self._listeners: list[Listener] = []
         self._stop = asyncio.Event()
-        self._in_flight: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         """Load credentials, bind every listener; raise `SidecarError` on user errors."""
@@ -128,13 +127,7 @@ class Sidecar:
         async def handler(request: Request) -> Response | Tunnel:
             if admin.matches(request.path):
                 return await admin.handle(request)
-            task = asyncio.current_task()
-            assert task is not None
-            self._in_flight.add(task)
-            try:
-                return await proxy.handle(request)
-            finally:
-                self._in_flight.discard(task)
+            return await proxy.handle(request)
 
         try:
             listener = await start_listener(
@@ -213,16 +206,7 @@ class Sidecar:
 
     async def close(self) -> None:
         """Stop accepting, let requests in flight finish (``timeouts.shutdown``), close."""
-        grace = max((r.timeouts.shutdown for r in self.config.routes), default=0.0)
-        stopping = asyncio.gather(*(listener.cleanup() for listener in self._listeners))
-        done, _ = await asyncio.wait({stopping}, timeout=grace + 0.1)
-        if not done:
-            # aiohttp's own cancel does not reach a handler waiting on the upstream.
-            log.warning("cancelling %d request(s) still in flight after %.1fs",
-                        len(self._in_flight), grace)  # fmt: skip
-            for task in list(self._in_flight):
-                task.cancel()
-            await asyncio.gather(stopping, return_exceptions=True)
+        await asyncio.gather(*(listener.cleanup() for listener in self._listeners))
         self._listeners.clear()
         await self.tasks.close()
         for rt in self.routes:

@@ -823,14 +823,21 @@ class Listener:
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
 
     async def cleanup(self) -> None:
-        """Stop accepting; requests in flight get ``shutdown_timeout`` to finish; close."""
+        """Stop accepting; requests in flight get ``shutdown_timeout`` to finish, then are
+        cancelled (the handler counts them as 499); every connection closes."""
         if self._server is not None:
             self._server.close()
         for protocol in list(self.connections):
             protocol.shutdown()
-        busy = [p.task for p in self.connections if p.task is not None and p.current is not None]
+        busy = {p.task for p in self.connections if p.task is not None and p.current is not None}
         if busy:
-            await asyncio.wait(busy, timeout=self.shutdown_timeout)
+            _, late = await asyncio.wait(busy, timeout=self.shutdown_timeout)
+            if late:
+                log.warning("cancelling %d request(s) still in flight after %.1fs",
+                            len(late), self.shutdown_timeout)  # fmt: skip
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late, timeout=5)  # a handler gets its 499 recorded
         for protocol in list(self.connections):
             if protocol.task is not None:
                 protocol.task.cancel()

@@ -75,6 +75,7 @@ the boundary matcher and the streaming decoder only make sense together.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -183,16 +184,9 @@ class StreamRewriter:
     """
 
     def __init__(self, patterns: tuple[bytes, ...], replacement: bytes) -> None:
-        if any(not p for p in patterns):
-            raise ValueError("an empty pattern would match everywhere")
-        ordered = sorted(set(patterns), key=lambda p: (-len(p), p))
         self._replacement = replacement
         self._escaped = replacement.replace(b"/", _ESCAPED_SLASH)
-        self._window = len(ordered[0]) if ordered else 0
-        alternation = b"(?:" + b"|".join(re.escape(p) for p in ordered) + b")"
-        # mid-body the end of the buffer is not the end of the body: no \Z there
-        self._mid = re.compile(alternation + b"(?=" + _BOUNDARY_CLASS + b")")
-        self._end = re.compile(alternation + b"(?=" + _BOUNDARY_CLASS + b"|\\Z)")
+        self._window, self._mid, self._end = _matchers(patterns)
         self._pending = b""
 
     @property
@@ -226,6 +220,20 @@ class StreamRewriter:
         if not self._window:
             return pending
         return self._end.sub(self._replace, pending)
+
+
+@functools.lru_cache(maxsize=64)
+def _matchers(patterns: tuple[bytes, ...]) -> tuple[int, re.Pattern[bytes], re.Pattern[bytes]]:
+    """The longest pattern's length and the mid-body and end-of-body regexes, built once
+    per route's bases (every rewritten answer asks)."""
+    if any(not p for p in patterns):
+        raise ValueError("an empty pattern would match everywhere")
+    ordered = sorted(set(patterns), key=lambda p: (-len(p), p))
+    alternation = b"(?:" + b"|".join(re.escape(p) for p in ordered) + b")"
+    # mid-body the end of the buffer is not the end of the body: no \Z there
+    mid = re.compile(alternation + b"(?=" + _BOUNDARY_CLASS + b")")
+    end = re.compile(alternation + b"(?=" + _BOUNDARY_CLASS + b"|\\Z)")
+    return (len(ordered[0]) if ordered else 0), mid, end
 
 
 # ---------------------------------------------------------------- encodings

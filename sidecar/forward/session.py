@@ -106,7 +106,7 @@ class UpstreamSession:
 
     def cookie_header(self, path: str) -> str | None:
         """The ``Cookie`` value for a request to ``path`` (no query), or None."""
-        if self._jar is None:
+        if self._jar is None or not len(self._jar):  # the common case: no session yet
             return None
         cookies = self._jar.filter_cookies(self._url.with_path(path, encoded=True))
         return "; ".join(f"{m.key}={m.coded_value}" for m in cookies.values()) or None
