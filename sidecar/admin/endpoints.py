@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from multidict import CIMultiDict
 
 from sidecar import __version__
 from sidecar.admin.console import Interception, RouteView, render
 from sidecar.credentials.certinfo import summarize
 from sidecar.errors import ConfigError
+from sidecar.forward.answer import Answer, json_answer
 from sidecar.forward.failures import (
     CREDENTIALS_UNAVAILABLE,
     FORBIDDEN_TARGET,
@@ -69,7 +70,7 @@ class Admin:
     def matches(self, path: str) -> bool:
         return path.startswith(self.prefix)
 
-    async def handle(self, request: Request) -> web.Response:
+    async def handle(self, request: Request) -> Answer:
         foreign = self.proxy.foreign_target(request)
         if foreign is not None:
             # `GET http://other.host/-/status` is meant for another server: never ours to answer.
@@ -82,26 +83,24 @@ class Admin:
             response.headers["Allow"] = "GET, HEAD"
             return response
         if name == "health":
-            return web.json_response({"status": "ok"})
+            return json_answer({"status": "ok"})
         if name == "ready":
             reason = readiness(self.runtime)
             route = self.runtime.route.name
             if reason is None:
-                return web.json_response({"status": "ready", "route": route})
-            return web.json_response(
-                {"status": "unavailable", "route": route, "reason": reason}, status=503
-            )
+                return json_answer({"status": "ready", "route": route})
+            return json_answer({"status": "unavailable", "route": route, "reason": reason}, 503)
         if name == "intercept.pem":
             return self.intercept_pem()
         if name in ("status", "metrics", "", "console", "requests"):
             if not self.proxy.token_ok(request):
                 return error_response(INBOUND_AUTH_REQUIRED, TOKEN_MISSING)
             if name == "status":
-                return web.json_response(self.status())
+                return json_answer(self.status())
             if name == "metrics":
                 content_type = self.metrics.exposition_type()
-                return web.Response(
-                    body=self.metrics.exposition(), headers={"Content-Type": content_type}
+                return Answer(
+                    200, CIMultiDict({"Content-Type": content_type}), self.metrics.exposition()
                 )
             status_class = request.query.get("status")
             if status_class is not None and status_class not in STATUS_CLASSES:
@@ -113,13 +112,10 @@ class Admin:
                 keep_query_values=self.query_values, status_class=status_class
             )
             if name == "requests":
-                return web.json_response({"requests": requests})
-            return web.Response(
-                text=self.console(requests, status_class),
-                content_type="text/html",
-                charset="utf-8",
-                headers={"Cache-Control": "no-store"},
-            )
+                return json_answer({"requests": requests})
+            headers = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"}
+            page = self.console(requests, status_class)
+            return Answer(200, CIMultiDict(headers), page.encode())
         return error_response(NOT_FOUND, f"no admin endpoint {request.path}")
 
     def console(self, requests: list[dict[str, object]], status_class: str | None) -> str:
@@ -166,7 +162,7 @@ class Admin:
             trust_lines=lines,
         )
 
-    def intercept_pem(self) -> web.Response:
+    def intercept_pem(self) -> Answer:
         """The interception certificate (and its successor near expiry): public, no token."""
         route = self.runtime.route
         if not route.intercept.enabled:
@@ -181,4 +177,4 @@ class Admin:
             pem = route_certificates(route, self.runtime.index, upstream).pem()
         except ConfigError as exc:
             return error_response(CREDENTIALS_UNAVAILABLE, exc.message, exc.hint)
-        return web.Response(body=pem, headers={"Content-Type": "application/x-pem-file"})
+        return Answer(200, CIMultiDict({"Content-Type": "application/x-pem-file"}), pem)

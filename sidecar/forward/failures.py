@@ -14,9 +14,9 @@ import ssl
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from sidecar.forward.answer import Answer, json_answer
 from sidecar.forward.pool import (
     BadStatusLine,
     ClosedAfterHandshakeError,
@@ -325,11 +325,11 @@ def classify(exc: BaseException, *, upstream: str) -> Failure:
 
 def error_response(
     code: str, message: str, hint: str | None = None, *, request_id: str | None = None
-) -> web.Response:
+) -> Answer:
     """The sidecar's own answer: JSON error body and ``X-Sidecar-Error``."""
     status, default_hint = ERROR_CODES[code]
     body = {"error": {"code": code, "message": message, "hint": hint or default_hint}}
-    response = web.json_response(body, status=status)
+    response = json_answer(body, status)
     response.headers["X-Sidecar-Error"] = code
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id

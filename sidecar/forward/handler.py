@@ -44,12 +44,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
-from aiohttp import HttpVersion, web
+from aiohttp import HttpVersion
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.config import RouteConfig, UpstreamURL
 from sidecar.errors import ConfigError
+from sidecar.forward.answer import Answer
 from sidecar.forward.failures import (
     BAD_REQUEST,
     CREDENTIALS_UNAVAILABLE,
@@ -74,7 +75,6 @@ from sidecar.forward.headers import (
     upstream_request_headers,
 )
 from sidecar.forward.listener import (
-    Answer,
     Request,
     Response,
     Streamed,
@@ -606,7 +606,7 @@ class RouteProxy:
             return self._failed(ex, self._body_failure(exc, target))
         headers.popall("Content-Length", None)  # set from the body we send
         ex.bytes_out = len(data)
-        return Answer(upstream.status, upstream.reason, headers, data)
+        return Answer(upstream.status, headers, data, reason=upstream.reason, own=False)
 
     def _body_failure(self, exc: BaseException, target: Target) -> Failure:
         if isinstance(exc, BodyDecodeError):
@@ -644,15 +644,13 @@ class RouteProxy:
 
     # ---------------------------------------------------------------- outcomes
 
-    def _answer(
-        self, ex: _Exchange, code: str, message: str, hint: str | None = None
-    ) -> web.Response:
+    def _answer(self, ex: _Exchange, code: str, message: str, hint: str | None = None) -> Answer:
         response = error_response(code, message, hint, request_id=ex.request_id)
-        ex.bytes_out = len(response.body)  # type: ignore[arg-type]
+        ex.bytes_out = len(response.body)
         ex.error, ex.hint = code, hint or ERROR_CODES[code][1]
         return response
 
-    def _failed(self, ex: _Exchange, fail: Failure) -> web.Response:
+    def _failed(self, ex: _Exchange, fail: Failure) -> Answer:
         self.stats.upstream_error(fail.kind, fail.message)
         log.warning(
             "%s %s failed: %s",

@@ -6,11 +6,11 @@ list is below), so an aiohttp upgrade is a change here and nowhere else.
 Each connection is a `_Protocol`: aiohttp's parser (llhttp, its C extension)
 cuts the bytes into requests; each becomes a small `Request` record (the
 parser's message, its body as a `StreamReader`, the connection), which the
-handler answers with a whole `Answer` (or an aiohttp `web.Response`, for the
-admin endpoints and the errors), a `Streamed` answer it writes itself, or a
-`Tunnel`. No aiohttp request or response object and no task is made per
-request: one task per connection runs its requests in turn, and a whole
-answer goes out in one write. Every target reaches the handler
+handler answers with a whole `sidecar.forward.answer.Answer` (its own, or a
+small relayed one), a `Streamed` answer it writes itself, or a `Tunnel`. No
+aiohttp request or response object and no task is made per request: one
+task per connection runs its requests in turn, and a whole answer goes out
+in one write. Every target reaches the handler
 (``CONNECT host:443``, ``OPTIONS *``, absolute-form without a path), so the
 proxy decides about all of them. Requests the parser refuses get DESIGN.md's
 JSON ``bad_request`` (the status line as aiohttp wrote it: ``HTTP/1.0``), and
@@ -96,7 +96,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import (
     ClientConnectionResetError,
@@ -122,7 +122,11 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 from yarl import URL
 
 from sidecar.config import LimitsConfig
+from sidecar.forward.answer import Answer
 from sidecar.forward.failures import BAD_REQUEST, INTERNAL_ERROR, error_response
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("sidecar.listener")
 
@@ -339,21 +343,6 @@ class Request:
 Handler = Callable[[Request], Awaitable["Response | Tunnel"]]
 
 
-class Answer:
-    """A whole relayed answer (the upstream's headers, as they were), sent in one write."""
-
-    __slots__ = ("status", "reason", "headers", "body", "keep_alive")
-
-    def __init__(
-        self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
-    ) -> None:
-        self.status, self.reason, self.headers, self.body = status, reason, headers, body
-        self.keep_alive: bool | None = None
-
-    def force_close(self) -> None:
-        self.keep_alive = False
-
-
 class Streamed:
     """A relayed answer whose body the handler writes as it comes.
 
@@ -393,7 +382,7 @@ class Streamed:
             await self._request.protocol.send([b"0\r\n\r\n"])
 
 
-Response = Answer | Streamed | web.Response  # or a `Tunnel`, a web.Response too
+Response = Answer | Streamed  # or a `Tunnel`
 
 _EMPTY_BODY_STATUS = frozenset({204, 304})
 
@@ -483,21 +472,16 @@ def _date() -> str:
     return _date_cache[1]
 
 
-def _whole(request: Request, response: Answer | web.Response) -> tuple[list[bytes], bool]:
+def _whole(request: Request, response: Answer) -> tuple[list[bytes], bool]:
     """A whole answer's bytes and whether the connection stays open after it."""
-    own = isinstance(response, web.Response)
-    body = response.body if response.body is not None else b""
-    if not isinstance(body, bytes):
-        raise TypeError(f"a whole answer's body must be bytes, not {type(body).__name__}")
-    headers = CIMultiDict(response.headers) if own else response.headers
     keep_alive = request.keep_alive and response.keep_alive is not False
     head, keep_alive, _ = _head(
-        request, response.status, response.reason, headers, keep_alive,
-        whole=len(body), own=own,
+        request, response.status, response.reason, response.headers, keep_alive,
+        whole=len(response.body), own=response.own,
     )  # fmt: skip
     if _must_be_empty(request.method, response.status):
-        body = b""
-    return [head, body], keep_alive
+        return [head], keep_alive
+    return [head, response.body], keep_alive
 
 
 # ---- connections
