@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict
 
 from sidecar import __version__
-from sidecar.admin.console import Interception, RouteView, render
 from sidecar.credentials.certinfo import summarize
 from sidecar.errors import ConfigError
 from sidecar.forward.answer import Answer, json_answer
@@ -39,6 +38,7 @@ from sidecar.runtime import RouteRuntime, readiness, route_status
 from sidecar.telemetry.recent import STATUS_CLASSES
 
 if TYPE_CHECKING:
+    from sidecar.admin.console import Interception
     from sidecar.forward.handler import RouteProxy
     from sidecar.telemetry.metrics import SidecarMetrics
 
@@ -119,6 +119,9 @@ class Admin:
         return error_response(NOT_FOUND, f"no admin endpoint {request.path}")
 
     def console(self, requests: list[dict[str, object]], status_class: str | None) -> str:
+        # Imported at the first page: a sidecar nobody looks at never loads it.
+        from sidecar.admin.console import RouteView, render
+
         views = []
         for rt in self.routes():
             generation = rt.client.current
@@ -143,6 +146,8 @@ class Admin:
 
     def _interception(self, rt: RouteRuntime) -> Interception:
         """What the console shows of a route's interception (public facts only)."""
+        from sidecar.admin.console import Interception
+
         route = rt.route
         if not route.intercept.enabled:
             return Interception(enabled=False)
