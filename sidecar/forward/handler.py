@@ -21,8 +21,8 @@ metrics exactly once, so no path forgets either: a bug (any exception the
 handler did not expect) is answered 500 ``internal_error`` and recorded too.
 Response bodies whose links are rewritten are decoded in bounded pieces
 (`sidecar.forward.rewrite.BodyRewriter`), so a compressed body costs the same memory
-whatever it inflates to. aiohttp's server internals this needs live in
-`sidecar.forward.listener`.
+whatever it inflates to. The requests it gets and the answers it gives are
+`sidecar.forward.listener`'s records (and `sidecar.forward.answer.Answer`).
 
 Its length (~600 lines) keeps one request's life in one class: refusing,
 preparing, relaying and recording, so that every outcome visibly passes `_record`
@@ -156,7 +156,7 @@ class _Exchange:
 
 
 class RouteProxy:
-    """The aiohttp handler of one route."""
+    """The listener's handler for one route."""
 
     def __init__(
         self,
